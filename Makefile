@@ -1,0 +1,52 @@
+# One command sets everything up on a fresh machine and runs the tests
+# (`make test`); one sets up and runs the benchmark suite (`make bench`).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.14.1
+MAX_JOBS    ?= $(shell nproc)
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+# The toolkit root: nvcc may be a wrapper script outside it.
+CUDA_HOME   ?= $(shell sh tools/cuda_home.sh)
+
+export MAX_JOBS CUDA_HOME
+
+.PHONY: venv build test test-cuda bench report clean
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" numpy ninja
+	touch $@
+
+venv: $(VENV)/.ready
+
+# Test extras and the libraries the parity tests compare against.
+$(VENV)/.test-deps: $(VENV)/.ready
+	$(PIP) install -q pytest pytest-benchmark hypothesis timm lightly
+	touch $@
+
+$(VENV)/.bench-deps: $(VENV)/.test-deps
+	$(PIP) install -q timm lightly kornia
+	touch $@
+
+build: $(VENV)/.ready
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import sslfast; print('sslfast: CPU kernels', sslfast.has_cpu_kernels(), '| CUDA kernels', sslfast.has_cuda_kernels())"
+
+test: $(VENV)/.test-deps build
+	$(PY) -m pytest tests -q ; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+
+test-cuda: $(VENV)/.test-deps build
+	$(PY) -m pytest tests -q -m cuda
+
+bench: $(VENV)/.bench-deps build
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/report.py
+
+report: $(VENV)/.ready
+	$(PY) benchmarks/report.py
+
+clean:
+	rm -rf build sslfast/_C*.so *.egg-info

@@ -1,0 +1,155 @@
+"""Shared benchmark machinery: timing, peak memory, device ceilings, JSON lines.
+
+Every ``bench_<op>.py`` times its providers with ``measure`` and appends one
+JSON line per (provider, case) to ``benchmarks/results/<op>.jsonl`` through
+``write_records``. Results are only ever appended; ``report.py`` renders them.
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, ROOT)
+
+from sslfast._memory import peak_memory  # noqa: E402
+
+
+def _git(*args):
+    try:
+        return subprocess.check_output(["git", *args], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def environment(device):
+    """What a result line needs to be interpreted later."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": (commit + ("-dirty" if dirty else "")) if commit else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, quick=False):
+    """(median, 20th percentile, 80th percentile) of fn's run time, in ms.
+
+    GPU: triton.testing.do_bench (L2 flushed between runs). CPU: wall clock of
+    repeated calls after a warm-up, at least 5 runs and about 1 s (0.3 s quick).
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 500,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(x) for x in q)
+    budget = 0.3 if quick else 1.0
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def measure(fn, device, quick=False):
+    """Timing and peak memory of one provider on one case."""
+    _, peak = peak_memory(fn, device)
+    median, p20, p80 = time_ms(fn, device, quick)
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_bytes": peak}
+
+
+def ceilings(device, quick=False):
+    """The device's own peaks, measured now: copy bandwidth and matmul rate."""
+    out = {}
+    n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, quick)[0]
+    out["copy_gbps"] = 2 * n_bytes / ms / 1e6  # read + write
+    # In-place add moves 12 bytes per fp32 element like an EMA; on CPUs a plain
+    # copy also pays an unseen read of the destination, so take the better.
+    ms = time_ms(lambda: dst.add_(src), device, quick)[0]
+    out["add_gbps"] = 3 * n_bytes / ms / 1e6
+    out["mem_gbps"] = max(out["copy_gbps"], out["add_gbps"])
+    del src, dst
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    n = 8192 if device.type == "cuda" else 1024
+    for dt in dtypes:
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        ms = time_ms(lambda: a @ b, device, quick)[0]
+        out[f"matmul_{str(dt)[6:]}_tflops"] = 2 * n**3 / ms / 1e9
+    return out
+
+
+def write_records(op, records):
+    """Append records as JSON lines to benchmarks/results/<op>.jsonl."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{op}.jsonl")
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    return path
+
+
+def print_table(records, columns):
+    """A compact aligned table of chosen record fields."""
+    rows = [[_fmt(r.get(c)) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

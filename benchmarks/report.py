@@ -1,0 +1,106 @@
+"""Renders the README's results tables from ``benchmarks/results/*.jsonl``.
+
+For every (op, device) the newest full run is shown (a --quick run only where
+no full run exists). The tables replace the text between the markers
+``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md.
+
+    python benchmarks/report.py [--print]
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def load(results_dir=RESULTS):
+    records = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))):
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    return records
+
+
+def latest_runs(records):
+    """{(op, device): records of the newest run}. A run's records share the
+    date stamped when it started."""
+    by_key = {}
+    for r in records:
+        by_key.setdefault((r["op"], r["device"]), []).append(r)
+    out = {}
+    for key, rs in by_key.items():
+        full = [r for r in rs if not r.get("quick")] or rs
+        newest = max(r["date"] for r in full)
+        out[key] = [r for r in full if r["date"] == newest]
+    return out
+
+
+def _ms(v):
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def table(rs):
+    providers = list(dict.fromkeys(r["provider"] for r in rs))
+    cases = list(dict.fromkeys((r["model"], r["dtype"]) for r in rs))
+    head = ["case", "dtype", *[f"{p} (ms)" for p in providers],
+            "sslfast GB/s", "% of peak", "vs reference", "vs best other"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, dtype in cases:
+        row = {r["provider"]: r for r in rs if r["model"] == model and r["dtype"] == dtype}
+        ours = row.get("sslfast")
+        cells = [model, dtype.replace("<", "&lt;")]
+        cells += [_ms(row[p]["median_ms"]) if p in row else "-" for p in providers]
+        if ours:
+            cells += [f"{ours['gbps']:.0f}", f"{ours['pct_of_peak']:.0f}%",
+                      f"{ours['speedup_vs_reference']:.2f}x", f"{ours['speedup_vs_best_other']:.2f}x"]
+        else:
+            cells += ["-"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(records):
+    parts = []
+    for (op, device), rs in sorted(latest_runs(records).items()):
+        r0 = rs[0]
+        quick = " (quick run)" if r0.get("quick") else ""
+        parts.append(
+            f"**{op}** on {device}{quick}: torch {r0['torch']}, commit `{r0['commit']}`, "
+            f"{r0['date']}; peak memory bandwidth measured in the run "
+            f"{r0['ceiling_gbps']:.0f} GB/s.\n\n{table(rs)}\n"
+        )
+    if not parts:
+        return "No results yet: run `make bench`.\n"
+    return "\n".join(parts)
+
+
+def update_readme(text, readme=os.path.join(ROOT, "README.md")):
+    with open(readme) as f:
+        content = f.read()
+    if BEGIN not in content or END not in content:
+        raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
+    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
+                 lambda _: f"{BEGIN}\n{text}{END}", content, flags=re.S)
+    with open(readme, "w") as f:
+        f.write(new)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--print", action="store_true", help="print instead of updating README.md")
+    a = p.parse_args(argv)
+    text = render(load())
+    if a.print:
+        print(text)
+    else:
+        update_readme(text)
+        print("README.md results updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+// CPU EMA: one parallel loop over fixed-size chunks of all tensors, so that
+// hundreds of small tensors and a few huge ones both keep every core busy.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "ema/ema_math.h"
+#include "ema/ema_plan.h"
+
+namespace sslfast {
+namespace ema {
+namespace {
+
+constexpr int64_t kCpuChunk = 1 << 15;  // elements per task: 128 KiB of fp32
+
+struct Chunk {
+  int32_t region;
+  int64_t begin;
+  int64_t end;
+};
+
+// x86-64 with GCC: an AVX2 clone chosen at load time besides the baseline.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SSLFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SSLFAST_CPU_CLONES
+#endif
+
+template <typename T, typename S>
+SSLFAST_CPU_CLONES void update_span(T* __restrict__ t, const S* __restrict__ s, int64_t n,
+                                    acc_t<T> w) {
+  // Hoisting the branch of lerp out of the loop lets the compiler vectorize it.
+  if (w < acc_t<T>(0.5)) {
+    for (int64_t i = 0; i < n; ++i) t[i] = update<T, S>(t[i], s[i], w);
+  } else {
+    for (int64_t i = 0; i < n; ++i) t[i] = update<T, S>(t[i], s[i], w);
+  }
+}
+
+struct UpdateSpan {
+  const Region& r;
+  int64_t begin, end;
+  double w;
+  template <typename T, typename S>
+  void operator()() const {
+    update_span<T, S>(static_cast<T*>(r.target) + begin, static_cast<const S*>(r.source) + begin,
+                      end - begin, static_cast<acc_t<T>>(w));
+  }
+};
+
+void ema_cpu_(at::TensorList targets, at::TensorList sources,
+              const c10::optional<at::Tensor>& decay_tensor, double decay) {
+  if (decay_tensor.has_value()) {
+    const at::Tensor& d = *decay_tensor;
+    TORCH_CHECK_VALUE(d.dim() == 0 && d.is_floating_point(),
+                      "sslfast: decay must be a 0-dim floating-point tensor");
+    TORCH_CHECK_VALUE(d.device().is_cpu(), "sslfast: decay is on ", d.device(),
+                      " but targets are on the CPU");
+    decay = d.item<double>();
+  }
+  check_decay_value(decay);
+  Plan plan = make_plan(targets, sources);
+  const double w = 1.0 - decay;
+
+  std::vector<Chunk> chunks;
+  for (size_t r = 0; r < plan.regions.size(); ++r) {
+    const int64_t n = plan.regions[r].numel;
+    for (int64_t b = 0; b < n; b += kCpuChunk)
+      chunks.push_back({static_cast<int32_t>(r), b, std::min(n, b + kCpuChunk)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const Region& r = plan.regions[ch.region];
+      dispatch_dtype_pair(r.pair, UpdateSpan{r, ch.begin, ch.end, w});
+    }
+  });
+  finish_plan(plan);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sslfast, CPU, m) { m.impl("ema_", &ema_cpu_); }
+
+}  // namespace ema
+}  // namespace sslfast

@@ -1,0 +1,18 @@
+// The op schemas (declared once) and the pybind11 loader module.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(sslfast, m) {
+  // targets <- decay * targets + (1 - decay) * sources, in place. decay_tensor,
+  // when given (0-dim, CPU or on the targets' device), overrides decay.
+  m.def("ema_(Tensor(a!)[] targets, Tensor[] sources, Tensor? decay_tensor, float decay) -> ()");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sslfast compiled ops; they are registered as torch.ops.sslfast.*";
+#ifdef SSLFAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

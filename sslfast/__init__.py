@@ -1,0 +1,17 @@
+"""sslfast: fused kernels for self-supervised pretraining."""
+
+from sslfast import functional
+from sslfast._extension import has_cpu_kernels, has_cuda_kernels
+from sslfast.modules.ema import ModelEMA, update_momentum
+from sslfast.schedules import cosine_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModelEMA",
+    "cosine_schedule",
+    "functional",
+    "has_cpu_kernels",
+    "has_cuda_kernels",
+    "update_momentum",
+]

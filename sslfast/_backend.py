@@ -1,0 +1,31 @@
+"""Backend choice per call: ``backend=`` wins, then ``SSLFAST_BACKEND``, then
+the device (CUDA tensors -> fused GPU kernel, CPU tensors -> CPU kernel)."""
+
+import os
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+
+def resolve_backend(backend, device, op, implemented, gpu_default="cuda"):
+    """The backend that runs ``op`` on tensors of ``device``.
+
+    implemented: the backends ``op`` has (a subset of BACKENDS minus "auto").
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("SSLFAST_BACKEND", "").strip().lower()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"SSLFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
+            backend = env
+    if backend == "auto":
+        backend = gpu_default if device.type == "cuda" else "cpu"
+    if backend not in implemented:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented; available: {implemented}")
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if backend in ("cuda", "triton") and device.type != "cuda" and not interpreted:
+        raise ValueError(f"{op}: backend {backend!r} needs CUDA tensors, got tensors on {device}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
+    return backend

@@ -1,0 +1,1 @@
+"""Validation, backend dispatch and custom-op registration, one op per file."""
