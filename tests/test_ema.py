@@ -153,6 +153,8 @@ def test_bad_lists(backend):
         ema_([t, torch.randn(4)], [s, torch.randn(5)], 0.5, backend=backend)
     with pytest.raises(ValueError, match=r"targets\[0\] has shape \S+ but sources\[0\] has shape"):
         ema_([t], [torch.randn(1, 3)], 0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"targets\[1\] has elements that share memory"):
+        ema_([t, torch.randn(3).expand(4, 3)], [s, torch.randn(4, 3)], 0.5, backend=backend)
     with pytest.raises(ValueError, match=r"targets\[0\] is on cpu but sources\[0\] is on meta"):
         ema_([t], [torch.empty(3, device="meta")], 0.5, backend=backend)
 

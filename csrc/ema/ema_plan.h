@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Optional.h>
 
 #include <vector>
@@ -52,6 +53,9 @@ inline Plan make_plan(at::TensorList targets, at::TensorList sources) {
                      t.scalar_type(), " and sources[", idx, "] is ", s.scalar_type(),
                      "; supported: equal float dtypes, or a float32 target with a bfloat16 or "
                      "float16 source");
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "sslfast: targets[", idx,
+                      "] has elements that share memory (e.g. from expand()); it cannot be "
+                      "updated in place");
     if (t.numel() == 0) continue;
     at::Tensor dense_t = t;
     if (!t.is_non_overlapping_and_dense()) {

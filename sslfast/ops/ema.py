@@ -78,6 +78,11 @@ def check_lists(targets, sources):
                 raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
             if not x.is_floating_point():
                 raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {x.dtype}")
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"targets[{i}] has elements that share memory (e.g. from expand()); it cannot "
+                "be updated in place"
+            )
         if t.shape != s.shape:
             raise ValueError(
                 f"targets[{i}] has shape {tuple(t.shape)} but sources[{i}] has shape "
