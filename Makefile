@@ -31,8 +31,14 @@ $(VENV)/.bench-deps: $(VENV)/.test-deps
 	$(PIP) install -q timm lightly kornia
 	touch $@
 
-build: $(VENV)/.ready
+# Rebuilt only when a C++/CUDA source or the build script changes.
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+
+$(VENV)/.built: $(VENV)/.ready $(EXT_SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
 	$(PY) -c "import sslfast; print('sslfast: CPU kernels', sslfast.has_cpu_kernels(), '| CUDA kernels', sslfast.has_cuda_kernels())"
 
 test: $(VENV)/.test-deps build
@@ -49,4 +55,4 @@ report: $(VENV)/.ready
 	$(PY) benchmarks/report.py
 
 clean:
-	rm -rf build sslfast/_C*.so *.egg-info
+	rm -rf build sslfast/_C*.so *.egg-info $(VENV)/.built

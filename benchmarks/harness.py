@@ -93,6 +93,10 @@ def time_ms(fn, device, quick=False):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def _summary(times):
     q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
 
@@ -102,6 +106,33 @@ def measure(fn, device, quick=False):
     _, peak = peak_memory(fn, device)
     median, p20, p80 = time_ms(fn, device, quick)
     return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_bytes": peak}
+
+
+def measure_all(fns, device, quick=False):
+    """{name: measure(...)} for several providers of one case.
+
+    On the CPU the providers are timed round-robin, one call each per round, so
+    that a change in background load shifts all of them alike.
+    """
+    peaks = {name: peak_memory(fn, device)[1] for name, fn in fns.items()}
+    if device.type == "cuda":
+        times = {name: time_ms(fn, device, quick) for name, fn in fns.items()}
+    else:
+        budget = (0.3 if quick else 1.0) * len(fns)
+        runs = {name: [] for name in fns}
+        start = time.perf_counter()
+        while min(len(r) for r in runs.values()) < 5 or (
+            time.perf_counter() - start < budget and min(len(r) for r in runs.values()) < 200
+        ):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                runs[name].append((time.perf_counter() - t0) * 1e3)
+        times = {name: _summary(r) for name, r in runs.items()}
+    return {
+        name: {"median_ms": t[0], "p20_ms": t[1], "p80_ms": t[2], "peak_mem_bytes": peaks[name]}
+        for name, t in times.items()
+    }
 
 
 def ceilings(device, quick=False):

@@ -1,5 +1,5 @@
-// CPU EMA: one parallel loop over fixed-size chunks of all tensors, so that
-// hundreds of small tensors and a few huge ones both keep every core busy.
+// CPU EMA: one parallel loop over all tensors laid end to end, split by element
+// count, so that hundreds of small tensors and a few huge ones keep every core busy.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -12,13 +12,7 @@ namespace sslfast {
 namespace ema {
 namespace {
 
-constexpr int64_t kCpuChunk = 1 << 15;  // elements per task: 128 KiB of fp32
-
-struct Chunk {
-  int32_t region;
-  int64_t begin;
-  int64_t end;
-};
+constexpr int64_t kCpuGrain = 1 << 15;  // elements per task at least: 128 KiB of fp32
 
 // x86-64 with GCC: an AVX2 clone chosen at load time besides the baseline.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -63,17 +57,18 @@ void ema_cpu_(at::TensorList targets, at::TensorList sources,
   Plan plan = make_plan(targets, sources);
   const double w = 1.0 - decay;
 
-  std::vector<Chunk> chunks;
-  for (size_t r = 0; r < plan.regions.size(); ++r) {
-    const int64_t n = plan.regions[r].numel;
-    for (int64_t b = 0; b < n; b += kCpuChunk)
-      chunks.push_back({static_cast<int32_t>(r), b, std::min(n, b + kCpuChunk)});
-  }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const Chunk& ch = chunks[c];
-      const Region& r = plan.regions[ch.region];
-      dispatch_dtype_pair(r.pair, UpdateSpan{r, ch.begin, ch.end, w});
+  // All tensors laid end to end: split that range by element count, so that
+  // threads get equal work however the sizes are distributed.
+  std::vector<int64_t> start(plan.regions.size() + 1, 0);
+  for (size_t r = 0; r < plan.regions.size(); ++r) start[r + 1] = start[r] + plan.regions[r].numel;
+  at::parallel_for(0, start.back(), kCpuGrain, [&](int64_t lo, int64_t hi) {
+    size_t r = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+    for (; lo < hi; ++r) {
+      const int64_t end = std::min(hi, start[r + 1]);
+      if (end > lo)
+        dispatch_dtype_pair(plan.regions[r].pair,
+                            UpdateSpan{plan.regions[r], lo - start[r], end - start[r], w});
+      lo = end;
     }
   });
   finish_plan(plan);
