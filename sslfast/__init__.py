@@ -2,13 +2,17 @@
 
 from sslfast import functional
 from sslfast._extension import has_cpu_kernels, has_cuda_kernels
+from sslfast.losses import CLIPLoss, InfoNCELoss, NTXentLoss
 from sslfast.modules.ema import ModelEMA, update_momentum
 from sslfast.schedules import cosine_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIPLoss",
+    "InfoNCELoss",
     "ModelEMA",
+    "NTXentLoss",
     "cosine_schedule",
     "functional",
     "has_cpu_kernels",

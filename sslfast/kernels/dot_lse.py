@@ -1,0 +1,474 @@
+"""Triton kernels for the row-wise log-sum-exp of scaled dot products (the core of
+InfoNCE / NT-Xent / CLIP), flash-attention style.
+
+    lse_i = logsumexp({scale * q_i.k_j : j != i + exclude_offset} U {extra_i})
+
+The R x C similarity matrix is never stored: the forward keeps an online max/sum per
+row and writes one float32 lse per row; the backward recomputes the similarities tile
+by tile from q, k and lse. Launchers take plain tensors; autograd lives in the ops layer.
+"""
+
+import inspect
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dot_lse_forward", "dot_lse_backward"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+# Full-precision fp32 dot: `input_precision="ieee"` on Triton >= 3.0 builds that have it,
+# `allow_tf32=False` before. Chosen once here so the kernels stay version-agnostic.
+_HAS_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+
+if _INTERPRET:
+    # The interpreter's dot multiplies bfloat16 tiles as their raw uint16 bits (Triton 3.8);
+    # upcast first. bf16/fp16 products are exact in fp32, as on tensor cores.
+    @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+
+elif _HAS_INPUT_PRECISION:
+
+    @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            out = tl.dot(a, b, input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+        return out
+
+else:  # pragma: no cover - old Triton
+
+    @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            out = tl.dot(a, b, allow_tf32=False)
+        else:
+            out = tl.dot(a, b)
+        return out
+
+
+@triton.jit
+def _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
+             D: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_R, BLOCK_C) float32 raw dot products q_rows . k_cols. When D <= BLOCK_D the
+    caller passes the resident tiles q_res (BLOCK_R, BLOCK_D) and k_res (BLOCK_C, BLOCK_D);
+    otherwise D is walked in BLOCK_D chunks from memory."""
+    if D <= BLOCK_D:
+        qk = _mm(q_res, tl.trans(k_res), IEEE)
+    else:
+        qk = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < D
+            qc = tl.load(q_rows_ptr + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            kc = tl.load(k_cols_ptr + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            qk += _mm(qc, tl.trans(kc), IEEE)
+    return qk
+
+
+@triton.jit
+def _dot_lse_fwd_kernel(
+    q_ptr, k_ptr, scale_ptr, extra_ptr, lse_ptr,
+    R, C, stride_q, stride_k, exclude_offset,
+    D: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows_ptr = q_ptr + rows.to(tl.int64)[:, None] * stride_q
+    # Work in log2 units: s2 = scale * log2(e) * q.k, lse = ln(2) * (m + log2(l)).
+    qk_scale = tl.load(scale_ptr).to(tl.float32) * LOG2E
+
+    if D <= BLOCK_D:  # the q tile stays resident across column tiles
+        q_res = tl.load(q_rows_ptr + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        q_res = tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty)  # unused
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
+        if D <= BLOCK_D:
+            k_res = tl.load(k_cols_ptr + offs_d[None, :],
+                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        else:
+            k_res = q_res  # unused
+        qk = _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
+                      D, IEEE, BLOCK_R, BLOCK_C, BLOCK_D)
+        ok = row_ok[:, None] & col_ok[None, :]
+        if HAS_EXCLUDE:
+            ok = ok & (cols[None, :] != rows[:, None] + exclude_offset)
+        s = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # An all -inf row so far: shift by 0 instead of -inf so that -inf - -inf never occurs.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    if HAS_EXTRA:
+        e = tl.load(extra_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m_i, e)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.exp2(e - m_safe)
+        m_i = m_new
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = (m_safe + tl.log2(l_i)) * LN2  # empty set: l_i == 0 -> -inf
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _dot_lse_bwd_dq_kernel(
+    q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, dq_ptr, dscale_part_ptr,
+    R, C, stride_q, stride_k, stride_dq, exclude_offset,
+    D: tl.constexpr, HAS_EXCLUDE: tl.constexpr, IEEE: tl.constexpr, STORE_DQ: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per row tile: dq rows (if STORE_DQ) and per-row dscale partials."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows_ptr = q_ptr + rows.to(tl.int64)[:, None] * stride_q
+    dq_rows_ptr = dq_ptr + rows.to(tl.int64)[:, None] * stride_dq
+    scale = tl.load(scale_ptr).to(tl.float32)
+    qk_scale = scale * LOG2E
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    row_mul = g * scale
+
+    if D <= BLOCK_D:  # the q tile stays resident across column tiles
+        q_res = tl.load(q_rows_ptr + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        q_res = tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty)  # unused
+    dq_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    if STORE_DQ:
+        if D > BLOCK_D:
+            # dq is accumulated in place (read-modify-write) chunk by chunk; start from 0.
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                tl.store(dq_rows_ptr + dd[None, :], dq_acc,
+                         mask=row_ok[:, None] & (dd[None, :] < D))
+            tl.debug_barrier()
+    ds_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
+        if D <= BLOCK_D:
+            k_res = tl.load(k_cols_ptr + offs_d[None, :],
+                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        else:
+            k_res = q_res  # unused
+        qk = _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
+                      D, IEEE, BLOCK_R, BLOCK_C, BLOCK_D)
+        ok = row_ok[:, None] & col_ok[None, :]
+        if HAS_EXCLUDE:
+            ok = ok & (cols[None, :] != rows[:, None] + exclude_offset)
+        # where() first: on an empty row lse = -inf and the exp overflows, but is not selected.
+        p = tl.where(ok, tl.exp2(qk * qk_scale - lse2[:, None]), 0.0)
+        ds_acc += tl.sum(p * qk, 1)
+        if STORE_DQ:
+            # g is per row, so it is applied after the product: the low-precision operand
+            # is p in [0, 1] (no fp16 overflow/underflow from g's magnitude).
+            if D <= BLOCK_D:
+                dq_acc += _mm(p.to(k_res.dtype), k_res, IEEE)
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + offs_d
+                    d_ok = dd[None, :] < D
+                    kc = tl.load(k_cols_ptr + dd[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
+                    part = _mm(p.to(kc.dtype), kc, IEEE) * row_mul[:, None]
+                    msk = row_ok[:, None] & d_ok
+                    cur = tl.load(dq_rows_ptr + dd[None, :], mask=msk, other=0.0)
+                    tl.store(dq_rows_ptr + dd[None, :], cur + part, mask=msk)
+                # Next column tile re-reads these dq rows, maybe from other threads.
+                tl.debug_barrier()
+    if STORE_DQ:
+        if D <= BLOCK_D:
+            tl.store(dq_rows_ptr + offs_d[None, :], dq_acc * row_mul[:, None],
+                     mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(dscale_part_ptr + rows, ds_acc * g, mask=row_ok)
+
+
+@triton.jit
+def _dot_lse_bwd_dk_kernel(
+    q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, g_norm_ptr, dk_ptr,
+    R, C, stride_q, stride_k, stride_dk, exclude_offset,
+    D: tl.constexpr, HAS_EXCLUDE: tl.constexpr, IEEE: tl.constexpr, NORM_G: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per column tile: dk rows, looping over row tiles (transposed view).
+
+    g varies along the reduction here, so g * p is the low-precision operand; for fp16,
+    NORM_G divides g by max|g| (g_norm_ptr) first so that g * p neither overflows nor
+    flushes to zero, and multiplies the result back."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    offs_d = tl.arange(0, BLOCK_D)
+    k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
+    dk_cols_ptr = dk_ptr + cols.to(tl.int64)[:, None] * stride_dk
+    scale = tl.load(scale_ptr).to(tl.float32)
+    qk_scale = scale * LOG2E
+    if NORM_G:
+        g_norm = tl.load(g_norm_ptr).to(tl.float32)
+        g_div = 1.0 / g_norm
+        out_mul = scale * g_norm
+    else:
+        g_div = 1.0
+        out_mul = scale
+
+    if D <= BLOCK_D:  # the k tile stays resident across row tiles
+        k_res = tl.load(k_cols_ptr + offs_d[None, :],
+                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        k_res = tl.zeros([BLOCK_C, BLOCK_D], dtype=k_ptr.dtype.element_ty)  # unused
+    dk_acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    if D > BLOCK_D:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            tl.store(dk_cols_ptr + dd[None, :], dk_acc, mask=col_ok[:, None] & (dd[None, :] < D))
+        tl.debug_barrier()
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        q_rows_ptr = q_ptr + rows.to(tl.int64)[:, None] * stride_q
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * g_div
+        if D <= BLOCK_D:
+            q_res = tl.load(q_rows_ptr + offs_d[None, :],
+                            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        else:
+            q_res = k_res  # unused
+        # Transposed tile: (BLOCK_C, BLOCK_R) = k_cols . q_rows
+        qkT = _qk_tile(k_cols_ptr, q_rows_ptr, col_ok, row_ok, offs_d, k_res, q_res,
+                       D, IEEE, BLOCK_C, BLOCK_R, BLOCK_D)
+        ok = col_ok[:, None] & row_ok[None, :]
+        if HAS_EXCLUDE:
+            ok = ok & (cols[:, None] != rows[None, :] + exclude_offset)
+        pT = tl.where(ok, tl.exp2(qkT * qk_scale - lse2[None, :]), 0.0)
+        dsT = pT * g[None, :]
+        if D <= BLOCK_D:
+            dk_acc += _mm(dsT.to(q_res.dtype), q_res, IEEE)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                d_ok = dd[None, :] < D
+                qc = tl.load(q_rows_ptr + dd[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+                part = _mm(dsT.to(qc.dtype), qc, IEEE) * out_mul
+                msk = col_ok[:, None] & d_ok
+                cur = tl.load(dk_cols_ptr + dd[None, :], mask=msk, other=0.0)
+                tl.store(dk_cols_ptr + dd[None, :], cur + part, mask=msk)
+            tl.debug_barrier()
+    if D <= BLOCK_D:
+        tl.store(dk_cols_ptr + offs_d[None, :], dk_acc * out_mul,
+                 mask=col_ok[:, None] & (offs_d[None, :] < D))
+
+
+# ----------------------------------------------------------------------------- configs
+
+# Under the interpreter: one small config (tile dims >= 16 as tl.dot needs on GPU).
+_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
+
+
+def _cfg(br, bc, bd, w, s):
+    return triton.Config({"BLOCK_R": br, "BLOCK_C": bc, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+
+
+_FWD_CONFIGS = [
+    _cfg(128, 64, 64, 4, 3),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(64, 64, 128, 4, 3),
+    _cfg(128, 64, 128, 8, 2),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 32, 64, 4, 4),
+]
+# The backward holds a (BLOCK, BLOCK_D) fp32 accumulator as well: smaller tiles.
+_BWD_CONFIGS = [
+    _cfg(64, 64, 64, 4, 2),
+    _cfg(64, 64, 128, 8, 2),
+    _cfg(128, 64, 64, 8, 2),
+    _cfg(32, 64, 128, 4, 3),
+    _cfg(64, 32, 128, 4, 3),
+    _cfg(32, 32, 64, 4, 4),
+]
+# Key args come before the config-supplied BLOCK_* args; tensor dtypes are added by Triton.
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "IEEE"])(_dot_lse_fwd_kernel)
+_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ"])(_dot_lse_bwd_dq_kernel)
+_bwd_dk_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE"])(_dot_lse_bwd_dk_kernel)
+
+
+def _launch(kernel, tuned, config, grid_dim, n, *args, **kwargs):
+    """Launch with the given config dict, the interpreter config, or the autotuner."""
+    if config is None and _INTERPRET:
+        config = _INTERPRET_CONFIG
+    if config is None:
+        tuned[lambda meta: (triton.cdiv(n, meta[grid_dim]),)](*args, **kwargs)
+        return
+    config = _check_config(config)
+    blocks = {k: config[k] for k in ("BLOCK_R", "BLOCK_C", "BLOCK_D")}
+    kernel[(triton.cdiv(n, blocks[grid_dim]),)](
+        *args, **kwargs, **blocks,
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
+    )
+
+
+def _check_config(config):
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+    for k in ("BLOCK_R", "BLOCK_C", "BLOCK_D"):
+        v = config.get(k)
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config[{k!r}] must be a power of two >= 16, got {v!r}")
+    return config
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check_qk(q, k):
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must have the same last dim, got {q.shape[1]} and {k.shape[1]}")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    q = q if q.stride(1) == 1 or q.shape[1] <= 1 else q.contiguous()
+    k = k if k.stride(1) == 1 or k.shape[1] <= 1 else k.contiguous()
+    return q, k
+
+
+def _row_vector(t, n, device, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    return t.contiguous()
+
+
+def _scale_tensor(scale, device):
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.dtype.is_floating_point:
+            raise ValueError(f"scale must be a 0-dim floating tensor, got {scale.dtype} "
+                             f"of shape {tuple(scale.shape)}")
+        return scale.detach().reshape(()).to(device=device, dtype=torch.float32)
+    if isinstance(scale, (int, float)):
+        return torch.tensor(float(scale), dtype=torch.float32, device=device)
+    raise TypeError(f"scale must be a 0-dim float32 tensor, got {type(scale).__name__}")
+
+
+def _offset(exclude_offset, n_rows, n_cols):
+    if exclude_offset is None:
+        return False, 0
+    if isinstance(exclude_offset, bool) or not isinstance(exclude_offset, int):
+        raise TypeError(f"exclude_offset must be None or an int, got {type(exclude_offset).__name__}")
+    if exclude_offset >= n_cols or exclude_offset <= -n_rows:
+        return False, 0  # i + offset never lands in [0, C): nothing to exclude
+    return True, exclude_offset
+
+
+def dot_lse_forward(q, k, scale, exclude_offset=None, extra=None, *, config=None):
+    """lse (R,) float32: lse_i = logsumexp({scale * q_i.k_j : j != i + exclude_offset} U {extra_i}).
+
+    q (R, D), k (C, D) in float32/bfloat16/float16; scale a 0-dim float32 tensor (read on
+    device, may be negative); extra None or (R,) float32. A row with an empty set gets -inf.
+    config: None (autotune on GPU, a fixed small config under the interpreter) or a dict
+    {"BLOCK_R", "BLOCK_C", "BLOCK_D", "num_warps", "num_stages"}.
+    """
+    q, k = _check_qk(q, k)
+    R, D = q.shape
+    C = k.shape[0]
+    scale_t = _scale_tensor(scale, q.device)
+    has_excl, off = _offset(exclude_offset, R, C)
+    if extra is not None:
+        extra = _row_vector(extra, R, q.device, "extra")
+    lse = torch.empty(R, dtype=torch.float32, device=q.device)
+    if R == 0:
+        return lse
+    _launch(
+        _dot_lse_fwd_kernel, _fwd_tuned, config, "BLOCK_R", R,
+        q, k, scale_t, extra if extra is not None else lse, lse,
+        R, C, q.stride(0), k.stride(0), off,
+        D=D, HAS_EXCLUDE=has_excl, HAS_EXTRA=extra is not None, IEEE=q.dtype == torch.float32,
+    )
+    return lse
+
+
+def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=True, need_dk=True,
+                     *, config=None):
+    """(dq, dk, dscale) for lse = dot_lse_forward(q, k, scale, exclude_offset, extra).
+
+    With P_ij = exp(scale * q_i.k_j - lse_i) on row i's included set and g = grad_lse:
+    dq = scale * (g P) k (R, D) float32 or None; dk = scale * (g P)^T q (C, D) float32 or
+    None; dscale = sum_ij g_i P_ij q_i.k_j, a 0-dim float32 tensor. extra's own gradient
+    (g * exp(extra - lse)) is the caller's.
+    """
+    q, k = _check_qk(q, k)
+    R, D = q.shape
+    C = k.shape[0]
+    dev = q.device
+    scale_t = _scale_tensor(scale, dev)
+    has_excl, off = _offset(exclude_offset, R, C)
+    lse = _row_vector(lse, R, dev, "lse")
+    g = _row_vector(grad_lse, R, dev, "grad_lse")
+    ieee = q.dtype == torch.float32
+
+    dq = torch.empty((R, D), dtype=torch.float32, device=dev) if need_dq else None
+    dk = torch.empty((C, D), dtype=torch.float32, device=dev) if need_dk else None
+    dscale_part = torch.empty(R, dtype=torch.float32, device=dev)
+    if R == 0 or C == 0:
+        for t in (dq, dk):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dscale_part.sum()
+
+    _launch(
+        _dot_lse_bwd_dq_kernel, _bwd_dq_tuned, config, "BLOCK_R", R,
+        q, k, scale_t, lse, g, dq if need_dq else dscale_part, dscale_part,
+        R, C, q.stride(0), k.stride(0), D if need_dq else 0, off,
+        D=D, HAS_EXCLUDE=has_excl, IEEE=ieee, STORE_DQ=bool(need_dq),
+    )
+    if need_dk:
+        norm_g = q.dtype == torch.float16
+        # fp16 only: max|g| on device (no host sync); floored so that 1/max stays finite.
+        g_norm = g.abs().amax().clamp_min(1e-30) if norm_g else scale_t
+        _launch(
+            _dot_lse_bwd_dk_kernel, _bwd_dk_tuned, config, "BLOCK_C", C,
+            q, k, scale_t, lse, g, g_norm, dk,
+            R, C, q.stride(0), k.stride(0), D, off,
+            D=D, HAS_EXCLUDE=has_excl, IEEE=ieee, NORM_G=norm_g,
+        )
+    return dq, dk, dscale_part.sum()
