@@ -46,22 +46,35 @@ def _ms(v):
 
 def table(rs):
     providers = list(dict.fromkeys(r["provider"] for r in rs))
-    cases = list(dict.fromkeys((r["model"], r["dtype"]) for r in rs))
+    cases = list(dict.fromkeys((r.get("shape", r["model"]) if unit == "TFLOP/s" else r["model"],
+                                r["dtype"]) for r in rs))
+    unit = "GB/s" if any("gbps" in r for r in rs) else "TFLOP/s"
+    key = "gbps" if unit == "GB/s" else "tflops"
     head = ["case", "dtype", *[f"{p} (ms)" for p in providers],
-            "sslfast GB/s", "% of peak", "vs reference", "vs best other"]
+            f"sslfast {unit}", "% of peak", "vs reference", "vs best other"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, dtype in cases:
-        row = {r["provider"]: r for r in rs if r["model"] == model and r["dtype"] == dtype}
+        row = {r["provider"]: r for r in rs
+               if (r.get("shape", r["model"]) if unit == "TFLOP/s" else r["model"]) == model
+               and r["dtype"] == dtype}
         ours = row.get("sslfast")
         cells = [model, dtype.replace("<", "&lt;")]
-        cells += [_ms(row[p]["median_ms"]) if p in row else "-" for p in providers]
-        if ours:
-            cells += [f"{ours['gbps']:.0f}", f"{ours['pct_of_peak']:.0f}%",
+        cells += [("OOM" if row[p].get("oom") else _ms(row[p]["median_ms"])) if p in row else "-"
+                  for p in providers]
+        if ours and not ours.get("oom"):
+            fig = ours[key]
+            cells += [f"{fig:.0f}" if fig >= 10 else f"{fig:.2g}", f"{ours['pct_of_peak']:.0f}%",
                       f"{ours['speedup_vs_reference']:.2f}x", f"{ours['speedup_vs_best_other']:.2f}x"]
         else:
             cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ceiling_text(r):
+    if "ceiling_gbps" in r:
+        return f"peak memory bandwidth measured in the run {r['ceiling_gbps']:.0f} GB/s"
+    return f"matmul rate measured in the run {r['ceiling_tflops']:.2g} TFLOP/s"
 
 
 def render(records):
@@ -71,8 +84,7 @@ def render(records):
         quick = " (quick run)" if r0.get("quick") else ""
         parts.append(
             f"**{op}** on {device}{quick}: torch {r0['torch']}, commit `{r0['commit']}`, "
-            f"{r0['date']}; peak memory bandwidth measured in the run "
-            f"{r0['ceiling_gbps']:.0f} GB/s.\n\n{table(rs)}\n"
+            f"{r0['date']}; {_ceiling_text(r0)}.\n\n{table(rs)}\n"
         )
     if not parts:
         return "No results yet: run `make bench`.\n"

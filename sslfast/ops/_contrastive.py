@@ -85,6 +85,6 @@ def row_dot(a, b, scale):
 
 
 def mean_ce(q, k, scale, pos_logit, backend, exclude_offset=None, extra=None):
-    """mean_i [ lse_i - pos_logit_i ] with lse from the core op."""
-    lse = dot_lse(q, k, scale, exclude_offset=exclude_offset, extra=extra, backend=backend)
-    return (lse - pos_logit).mean()
+    """mean_i [ lse_i - pos_logit_i ] with mean_i lse_i from the core op."""
+    mean_lse = dot_lse(q, k, scale, exclude_offset=exclude_offset, extra=extra, backend=backend)
+    return mean_lse - pos_logit.mean()

@@ -49,24 +49,47 @@ def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _cpu_forward(q, k, scale, exclude_offset, extra):
+def _cpu_forward(q, k, scale, exclude_offset, extra, need_dq=False, need_dk=False, need_ds=False):
+    """lse, and, when asked, the gradients of mean_i(lse_i) computed on the way
+    (eager: each block's softmax is final once its row is done, so the
+    backward needs no second pass; the loss's upstream gradient is a scalar)."""
     ct = _compute_dtype(q)
     qf, kf, s = q.to(ct), k.to(ct), scale.to(ct)
     r, c = q.shape[0], k.shape[0]
     lse = torch.empty(r, dtype=ct, device=q.device)
+    dq = torch.empty(r, q.shape[1], dtype=ct) if need_dq else None
+    dk = torch.zeros(c, k.shape[1], dtype=ct) if need_dk else None
+    ds = torch.zeros((), dtype=ct)
     for r0, r1 in _row_blocks(r, c):
         logits = torch.mm(qf[r0:r1], kf.t()).mul_(s)
+        excluded = None
         if exclude_offset is not None:
-            logits[_exclusion(r0, r1, c, exclude_offset, q.device)] = float("-inf")
+            excluded = _exclusion(r0, r1, c, exclude_offset, q.device)
+            logits[excluded] = float("-inf")
         m = logits.amax(dim=1)
         if extra is not None:
             m = torch.maximum(m, extra[r0:r1].to(ct))
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        total = logits.sub_(m[:, None]).exp_().sum(dim=1)
+        p = torch.sub(logits, m[:, None]).exp_() if need_ds else logits.sub_(m[:, None]).exp_()
+        total = p.sum(dim=1)
         if extra is not None:
             total += (extra[r0:r1].to(ct) - m).exp()
-        lse[r0:r1] = total.log_().add_(m)
-    return lse
+        lse[r0:r1] = torch.log(total).add_(m)
+        if not (need_dq or need_dk or need_ds):
+            continue
+        # d mean(lse) / d logits (a row with no candidates has none)
+        p.div_(torch.where(total > 0, total, torch.ones_like(total))[:, None] * r)
+        if need_dq:
+            torch.mm(p, kf, out=dq[r0:r1]).mul_(s)
+        if need_dk:
+            dk.addmm_(p.t(), qf[r0:r1])
+        if need_ds:  # sum P * logits / s, the excluded entries (-inf) left out
+            if excluded is not None:
+                logits[excluded] = 0.0
+            ds += logits.mul_(p).sum() / s
+    if need_dk:
+        dk.mul_(s)
+    return lse, dq, dk, ds
 
 
 def _cpu_backward(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk):
@@ -97,28 +120,53 @@ def _cpu_backward(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk):
 # ---- custom ops --------------------------------------------------------------------
 
 
-@torch.library.custom_op("sslfast::dot_lse_forward", mutates_args=())
-def dot_lse_forward(
+@torch.library.custom_op("sslfast::dot_lse_mean", mutates_args=())
+def dot_lse_mean(
     q: torch.Tensor,
     k: torch.Tensor,
     scale: torch.Tensor,
     exclude_offset: Optional[int],
     extra: Optional[torch.Tensor],
     backend: str,
-) -> torch.Tensor:
-    """(R,) log-sum-exp per row (see the module docstring); float64 for float64
-    inputs, float32 otherwise."""
-    if backend == "triton":
-        return _kernels().dot_lse_forward(q, k, scale, exclude_offset, extra)
+    need_dq: bool,
+    need_dk: bool,
+    need_ds: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean_i lse_i, lse, dq1, dk1, ds1): the loss term, the per-row log-sum-exp
+    (float64 for float64 inputs, else float32), and on the ``cpu`` backend the
+    gradients of the mean computed eagerly for the needs flagged (0-element
+    tensors otherwise; the backward then recomputes tile by tile)."""
+    ct = _compute_dtype(q)
     if backend == "cpu":
-        return _cpu_forward(q, k, scale, exclude_offset, extra)
-    return dot_lse_reference(q.double(), k.double(), scale.double(), exclude_offset,
-                             None if extra is None else extra.double()).to(_compute_dtype(q))
+        lse, dq, dk, ds = _cpu_forward(q, k, scale, exclude_offset, extra, need_dq, need_dk, need_ds)
+    else:
+        if backend == "triton":
+            lse = _kernels().dot_lse_forward(q, k, scale, exclude_offset, extra)
+        else:
+            lse = dot_lse_reference(q.double(), k.double(), scale.double(), exclude_offset,
+                                    None if extra is None else extra.double()).to(ct)
+        dq = dk = ds = None
+    none = lambda: q.new_empty(0, dtype=ct)  # noqa: E731
+    return (
+        lse.mean(),
+        lse,
+        dq if dq is not None else none(),
+        dk if dk is not None else none(),
+        ds if need_ds and ds is not None else none(),
+    )
 
 
-@dot_lse_forward.register_fake
-def _(q, k, scale, exclude_offset, extra, backend):
-    return q.new_empty(q.shape[0], dtype=_compute_dtype(q))
+@dot_lse_mean.register_fake
+def _(q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds):
+    ct = _compute_dtype(q)
+    eager = backend == "cpu"
+    return (
+        q.new_empty((), dtype=ct),
+        q.new_empty(q.shape[0], dtype=ct),
+        q.new_empty(q.shape if eager and need_dq else (0,), dtype=ct),
+        k.new_empty(k.shape if eager and need_dk else (0,), dtype=ct),
+        q.new_empty(() if eager and need_ds else (0,), dtype=ct),
+    )
 
 
 @torch.library.custom_op("sslfast::dot_lse_backward", mutates_args=())
@@ -171,20 +219,38 @@ def _(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, exclude_offset, extra, backend = inputs
-    ctx.save_for_backward(q, k, scale, extra, output)
+    q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds = inputs
+    _, lse, dq1, dk1, ds1 = output
+    ctx.save_for_backward(q, k, scale, extra, lse, dq1, dk1, ds1)
     ctx.exclude_offset, ctx.backend = exclude_offset, backend
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_lse):
-    q, k, scale, extra, lse = ctx.saved_tensors
-    need_dq, need_dk, need_scale, _, need_extra, _ = ctx.needs_input_grad
-    dq, dk, dscale = dot_lse_backward(q, k, scale, lse, grad_lse, ctx.exclude_offset,
-                                      need_dq, need_dk, ctx.backend)
+def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
+    q, k, scale, extra, lse, dq1, dk1, ds1 = ctx.saved_tensors
+    need_dq, need_dk, need_scale, _, need_extra = ctx.needs_input_grad[:5]
+    none = (None,) * 9
+    if grad_mean is None:
+        return none
+    grad_mean = grad_mean.to(lse.dtype)
+    eager = (
+        ctx.backend == "cpu"
+        and (not need_dq or dq1.shape == q.shape)
+        and (not need_dk or dk1.shape == k.shape)
+        and (not need_scale or ds1.dim() == 0)
+    )
+    if eager:  # computed in the forward for these needs
+        dq = grad_mean * dq1 if need_dq else None
+        dk = grad_mean * dk1 if need_dk else None
+        dscale = grad_mean * ds1 if need_scale else None
+    else:
+        grad_lse = (grad_mean / lse.shape[0]).expand(lse.shape[0])
+        dq, dk, dscale = dot_lse_backward(q, k, scale, lse, grad_lse, ctx.exclude_offset,
+                                          need_dq, need_dk, ctx.backend)
     dextra = None
     if need_extra:
-        # d lse_i / d extra_i = exp(extra_i - lse_i)
-        dextra = grad_lse * torch.exp(extra - lse)
+        # d mean(lse) / d extra_i = exp(extra_i - lse_i) / R
+        dextra = grad_mean / lse.shape[0] * torch.exp(extra - lse)
     return (
         dq.to(q.dtype) if need_dq else None,
         dk.to(k.dtype) if need_dk else None,
@@ -192,17 +258,21 @@ def _backward(ctx, grad_lse):
         None,
         dextra,
         None,
+        None,
+        None,
+        None,
     )
 
 
-torch.library.register_autograd("sslfast::dot_lse_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("sslfast::dot_lse_mean", _backward, setup_context=_setup_context)
 
 
 def dot_lse(q, k, scale, exclude_offset=None, extra=None, backend="cpu"):
-    """lse (R,) float32, differentiable in q, k, scale (0-dim tensor) and extra.
+    """mean_i lse_i (a 0-dim tensor), differentiable in q, k, scale (0-dim
+    tensor) and extra; see the module docstring for lse.
 
     Inputs are assumed checked by the caller (the losses): q (R, D) and k (C, D)
-    of one float dtype on one device; extra (R,) float32 or None.
+    of one float dtype on one device; extra (R,) or None.
     """
     q = q.contiguous()
     k = k.contiguous()
@@ -211,4 +281,7 @@ def dot_lse(q, k, scale, exclude_offset=None, extra=None, backend="cpu"):
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError("the triton backend takes float32/bfloat16/float16 features; "
                         "use backend='cpu' or 'reference' for float64")
-    return dot_lse_forward(q, k, scale, exclude_offset, extra, backend)
+    grad = torch.is_grad_enabled()
+    return dot_lse_mean(q, k, scale, exclude_offset, extra, backend,
+                        grad and q.requires_grad, grad and k.requires_grad,
+                        grad and scale.requires_grad)[0]

@@ -1,0 +1,165 @@
+"""Contrastive losses, forward + backward: sslfast against the materialized
+reference (in the same dtype), lightly's NTXentLoss, and Inf-CL (GPU, where
+installed).
+
+Cases (GPU; on the CPU the sizes are scaled down):
+  ntxent    2N in {4096, 16384, 65536, 262144}, D in {128, 256}
+  moco      InfoNCE against a queue: N in {256, 4096}, K = 65536, D = 128
+  clip      N in {16384, 65536}, D = 512
+FLOPs counted: 6 * R * C * D for R rows by C columns of logits (CLIP: one
+N x N matrix). The achieved TFLOP/s is compared with the matmul rate measured
+in the same run (bf16 on GPU, fp32 on CPU). Out-of-memory is recorded, not fatal.
+
+    python benchmarks/bench_contrastive.py [--quick] [--device cpu|cuda] [--no-write]
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from sslfast.functional import clip_loss, info_nce_loss, ntxent_loss  # noqa: E402
+from sslfast.reference import clip_reference, info_nce_reference, ntxent_reference  # noqa: E402
+
+GPU_CASES = (
+    [("ntxent", n, d, 0) for n in (4096, 16384, 65536, 262144) for d in (128, 256)]
+    + [("moco", n, 128, 65536) for n in (256, 4096)]
+    + [("clip", n, 512, 0) for n in (16384, 65536)]
+)
+CPU_CASES = [("ntxent", 4096, 128, 0), ("ntxent", 16384, 128, 0), ("moco", 256, 128, 65536),
+             ("clip", 4096, 512, 0)]
+QUICK_CASES = [("ntxent", 2048, 128, 0), ("moco", 128, 128, 8192), ("clip", 1024, 256, 0)]
+# The dense providers would need more than this many logits: skipped, not run into OOM.
+DENSE_LIMIT = {"cuda": 65536 * 65536, "cpu": 16384 * 16384}
+
+
+def _flops(kind, rows, d, k):
+    r, c = (2 * rows, 2 * rows) if kind == "ntxent" else (rows, k + 1) if kind == "moco" else (rows, rows)
+    return 6 * r * c * d, r * c
+
+
+def _providers(kind, rows, d, k, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def leaf(n):
+        return torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+
+    a, b = leaf(rows), leaf(rows)
+    out = {}
+    if kind == "ntxent":
+        out["reference"] = lambda: ntxent_reference(a, b, 0.5)
+        try:
+            from lightly.loss import NTXentLoss
+
+            lightly_loss = NTXentLoss(0.5)
+            out["lightly"] = lambda: lightly_loss(a, b)
+        except ImportError:
+            print("  lightly not installed: skipped")
+        out["sslfast"] = lambda: ntxent_loss(a, b, 0.5)
+    elif kind == "moco":
+        b.requires_grad_(False)  # keys from the momentum encoder
+        queue = F.normalize(torch.randn(k, d, generator=g), dim=1).to(device=device, dtype=dtype)
+        out["reference"] = lambda: info_nce_reference(a, b, queue, 0.2)
+        out["sslfast"] = lambda: info_nce_loss(a, b, queue, 0.2)
+    else:
+        scale = torch.tensor(14.3, device=device, requires_grad=True)
+        out["reference"] = lambda: clip_reference(a, b, scale)
+        if device.type == "cuda":
+            try:
+                from inf_cl import cal_inf_loss
+
+                labels = torch.arange(rows, device=device)
+
+                def inf_cl():
+                    x, y = F.normalize(a, dim=1), F.normalize(b, dim=1)
+                    return (cal_inf_loss(x, y, labels=labels, scale=scale)
+                            + cal_inf_loss(y, x, labels=labels, scale=scale)) / 2
+
+                out["inf_cl"] = inf_cl
+            except ImportError:
+                print("  inf_cl not installed: skipped")
+        out["sslfast"] = lambda: clip_loss(a, b, scale)
+    leaves = [a, b]
+
+    def step(fn):
+        def run():
+            for x in leaves:
+                x.grad = None
+            fn().backward()
+        return run
+
+    return {name: step(fn) for name, fn in out.items()}
+
+
+def run(device, quick=False, write=True):
+    env = harness.environment(device)
+    print(f"contrastive benchmark on {env['device']} (torch {env['torch']})")
+    ceil = harness.ceilings(device, quick)
+    peak_key = "matmul_bfloat16_tflops" if device.type == "cuda" else "matmul_float32_tflops"
+    print(f"  matmul ceiling {ceil[peak_key]:.1f} TFLOP/s ({peak_key})")
+    cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+    records = []
+    for kind, rows, d, k in cases:
+        for dtype in dtypes:
+            flops, n_logits = _flops(kind, rows, d, k)
+            provs = _providers(kind, rows, d, k, dtype, device)
+            if n_logits > DENSE_LIMIT[device.type]:
+                for name in [p for p in provs if p != "sslfast"]:
+                    print(f"  {kind} rows={rows}: {name} skipped ({n_logits} dense logits)")
+                    del provs[name]
+            measured = {}
+            for name, fn in list(provs.items()):
+                try:  # one trial run: a provider that does not fit is recorded as such
+                    fn()
+                except torch.cuda.OutOfMemoryError:
+                    measured[name] = {"oom": True}
+                    del provs[name]
+                    torch.cuda.empty_cache()
+            measured.update(harness.measure_all(provs, device, quick))
+            shape = f"{kind}: rows={rows} D={d}" + (f" K={k}" if k else "")
+            rows_out = []
+            for name, m in measured.items():
+                r = {**env, "op": "contrastive", "provider": name, "model": kind, "shape": shape,
+                     "dtype": str(dtype)[6:], "rows": rows, "dim": d, "queue": k, "flops": flops,
+                     "quick": quick, "ceilings": ceil, "ceiling_tflops": ceil[peak_key], **m}
+                if not m.get("oom"):
+                    r["tflops"] = flops / m["median_ms"] / 1e9
+                    r["pct_of_peak"] = 100 * r["tflops"] / ceil[peak_key]
+                rows_out.append(r)
+            ok = [r for r in rows_out if not r.get("oom")]
+            ref = next((r["median_ms"] for r in ok if r["provider"] == "reference"), None)
+            others = [r["median_ms"] for r in ok if r["provider"] != "sslfast"]
+            ref_mem = next((r["peak_mem_bytes"] for r in ok if r["provider"] == "reference"), None)
+            for r in ok:
+                r["speedup_vs_reference"] = ref / r["median_ms"] if ref else None
+                r["speedup_vs_best_other"] = min(others) / r["median_ms"] if others else None
+                if ref_mem and r["peak_mem_bytes"] is not None:
+                    r["mem_vs_reference"] = r["peak_mem_bytes"] / ref_mem
+            print(f"\n  {shape}, {dtype}")
+            harness.print_table(rows_out, ["provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes",
+                                           "tflops", "pct_of_peak", "speedup_vs_reference",
+                                           "speedup_vs_best_other", "mem_vs_reference", "oom"])
+            records += rows_out
+            del provs
+    if write:
+        print("  results appended to", harness.write_records("contrastive", records))
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-write", action="store_true")
+    a = p.parse_args(argv)
+    run(torch.device(a.device), a.quick, not a.no_write)
+
+
+if __name__ == "__main__":
+    main()

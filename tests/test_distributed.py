@@ -1,0 +1,74 @@
+"""gather_distributed with 2 and 3 gloo processes on the CPU equals one process
+on the concatenated batch (loss: the mean of the ranks' losses; gradients: the
+gather's backward sums over ranks, so each rank holds W x the global gradient
+of its own rows, which DDP's averaging turns back into the global one)."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sslfast import distributed
+from sslfast.functional import clip_loss, info_nce_loss, ntxent_loss
+
+N, D = 5, 12  # rows per rank
+
+
+def _global_inputs(world):
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randn(world * N, D, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def _losses(a, b, gather):
+    return {
+        "ntxent": lambda x, y: ntxent_loss(x, y, 0.3, gather_distributed=gather),
+        "info_nce": lambda x, y: info_nce_loss(x, y, None, 0.2, gather_distributed=gather),
+        "clip": lambda x, y: clip_loss(x, y, 7.0, gather_distributed=gather),
+    }
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        assert distributed.rank() == rank and distributed.world_size() == world
+        a_all, b_all = _global_inputs(world)
+        results = {}
+        for name, fn in _losses(None, None, True).items():
+            a = a_all[rank * N:(rank + 1) * N].clone().requires_grad_()
+            b = b_all[rank * N:(rank + 1) * N].clone().requires_grad_()
+            loss = fn(a, b)
+            ga, gb = torch.autograd.grad(loss, [a, b])
+            results[name] = (loss.detach(), ga, gb)
+        gathered = distributed.gather_no_grad(torch.full((2,), float(rank)))
+        results["gather_no_grad"] = gathered
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gather_distributed_equals_one_process(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    a_all, b_all = _global_inputs(world)
+    for name, fn in _losses(None, None, False).items():
+        a, b = a_all.clone().requires_grad_(), b_all.clone().requires_grad_()
+        loss = fn(a, b)
+        ga, gb = torch.autograd.grad(loss, [a, b])
+        mean_loss = sum(res[name][0] for res in per_rank) / world
+        torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-12, atol=1e-12, msg=name)
+        for r, res in enumerate(per_rank):
+            rows = slice(r * N, (r + 1) * N)
+            torch.testing.assert_close(res[name][1], world * ga[rows], rtol=1e-10, atol=1e-12, msg=name)
+            torch.testing.assert_close(res[name][2], world * gb[rows], rtol=1e-10, atol=1e-12, msg=name)
+    expected = torch.arange(world, dtype=torch.float32).repeat_interleave(2)
+    for res in per_rank:
+        assert torch.equal(res["gather_no_grad"], expected)
+
+
+def test_single_process_helpers_are_identity():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert distributed.gather(x) is x
+    assert distributed.rank() == 0 and distributed.world_size() == 1
