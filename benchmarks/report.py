@@ -45,30 +45,32 @@ def _ms(v):
 
 
 def table(rs):
-    providers = list(dict.fromkeys(r["provider"] for r in rs))
-    cases = list(dict.fromkeys((r.get("shape", r["model"]) if unit == "TFLOP/s" else r["model"],
-                                r["dtype"]) for r in rs))
     unit = "GB/s" if any("gbps" in r for r in rs) else "TFLOP/s"
     key = "gbps" if unit == "GB/s" else "tflops"
+    case_of = (lambda r: r.get("shape", r["model"])) if key == "tflops" else (lambda r: r["model"])
+    providers = list(dict.fromkeys(r["provider"] for r in rs))
+    cases = list(dict.fromkeys((case_of(r), r["dtype"]) for r in rs))
     head = ["case", "dtype", *[f"{p} (ms)" for p in providers],
             f"sslfast {unit}", "% of peak", "vs reference", "vs best other"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, dtype in cases:
-        row = {r["provider"]: r for r in rs
-               if (r.get("shape", r["model"]) if unit == "TFLOP/s" else r["model"]) == model
-               and r["dtype"] == dtype}
+    for case, dtype in cases:
+        row = {r["provider"]: r for r in rs if case_of(r) == case and r["dtype"] == dtype}
         ours = row.get("sslfast")
-        cells = [model, dtype.replace("<", "&lt;")]
+        cells = [case, dtype.replace("<", "&lt;")]
         cells += [("OOM" if row[p].get("oom") else _ms(row[p]["median_ms"])) if p in row else "-"
                   for p in providers]
         if ours and not ours.get("oom"):
             fig = ours[key]
             cells += [f"{fig:.0f}" if fig >= 10 else f"{fig:.2g}", f"{ours['pct_of_peak']:.0f}%",
-                      f"{ours['speedup_vs_reference']:.2f}x", f"{ours['speedup_vs_best_other']:.2f}x"]
+                      _x(ours.get("speedup_vs_reference")), _x(ours.get("speedup_vs_best_other"))]
         else:
             cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _x(v):
+    return f"{v:.2f}x" if v is not None else "-"
 
 
 def _ceiling_text(r):
