@@ -26,14 +26,15 @@ import harness  # noqa: E402
 from sslfast.functional import clip_loss, info_nce_loss, ntxent_loss  # noqa: E402
 from sslfast.reference import clip_reference, info_nce_reference, ntxent_reference  # noqa: E402
 
+# (kind, rows per view N, D, queue K); NT-Xent has 2N rows and columns.
 GPU_CASES = (
-    [("ntxent", n, d, 0) for n in (4096, 16384, 65536, 262144) for d in (128, 256)]
+    [("ntxent", n2 // 2, d, 0) for n2 in (4096, 16384, 65536, 262144) for d in (128, 256)]
     + [("moco", n, 128, 65536) for n in (256, 4096)]
     + [("clip", n, 512, 0) for n in (16384, 65536)]
 )
-CPU_CASES = [("ntxent", 4096, 128, 0), ("ntxent", 16384, 128, 0), ("moco", 256, 128, 65536),
+CPU_CASES = [("ntxent", 2048, 128, 0), ("ntxent", 8192, 128, 0), ("moco", 256, 128, 65536),
              ("clip", 4096, 512, 0)]
-QUICK_CASES = [("ntxent", 2048, 128, 0), ("moco", 128, 128, 8192), ("clip", 1024, 256, 0)]
+QUICK_CASES = [("ntxent", 1024, 128, 0), ("moco", 128, 128, 8192), ("clip", 1024, 256, 0)]
 # The dense providers would need more than this many logits: skipped, not run into OOM.
 DENSE_LIMIT = {"cuda": 65536 * 65536, "cpu": 16384 * 16384}
 
@@ -111,7 +112,7 @@ def run(device, quick=False, write=True):
             provs = _providers(kind, rows, d, k, dtype, device)
             if n_logits > DENSE_LIMIT[device.type]:
                 for name in [p for p in provs if p != "sslfast"]:
-                    print(f"  {kind} rows={rows}: {name} skipped ({n_logits} dense logits)")
+                    print(f"  {kind} N={rows}: {name} skipped ({n_logits} dense logits)")
                     del provs[name]
             measured = {}
             for name, fn in list(provs.items()):
@@ -121,8 +122,9 @@ def run(device, quick=False, write=True):
                     measured[name] = {"oom": True}
                     del provs[name]
                     torch.cuda.empty_cache()
-            measured.update(harness.measure_all(provs, device, quick))
-            shape = f"{kind}: rows={rows} D={d}" + (f" K={k}" if k else "")
+            measured.update(harness.measure_all(provs, device, quick, min_runs=3))
+            size = f"2N={2 * rows}" if kind == "ntxent" else f"N={rows}"
+            shape = f"{kind}: {size} D={d}" + (f" K={k}" if k else "")
             rows_out = []
             for name, m in measured.items():
                 r = {**env, "op": "contrastive", "provider": name, "model": kind, "shape": shape,

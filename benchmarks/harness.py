@@ -108,7 +108,7 @@ def measure(fn, device, quick=False):
     return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_bytes": peak}
 
 
-def measure_all(fns, device, quick=False):
+def measure_all(fns, device, quick=False, min_runs=5):
     """{name: measure(...)} for several providers of one case.
 
     On the CPU the providers are timed round-robin, one call each per round, so
@@ -121,7 +121,7 @@ def measure_all(fns, device, quick=False):
         budget = (0.3 if quick else 1.0) * len(fns)
         runs = {name: [] for name in fns}
         start = time.perf_counter()
-        while min(len(r) for r in runs.values()) < 5 or (
+        while min(len(r) for r in runs.values()) < min_runs or (
             time.perf_counter() - start < budget and min(len(r) for r in runs.values()) < 200
         ):
             for name, fn in fns.items():
