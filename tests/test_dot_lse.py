@@ -86,9 +86,11 @@ def test_empty_row_is_minus_inf_with_zero_grads():
 def test_opcheck(backend):
     q, k, s, extra = _inputs(5, 7, 3, torch.float32, True)
     op = torch.ops.sslfast.dot_lse_mean.default
-    torch.library.opcheck(op, (q, k, s.detach(), 1, extra.detach(), backend, True, True, False))
-    torch.library.opcheck(op, (q, k, s, None, None, backend, True, False, True))
-    torch.library.opcheck(op, (q.detach(), k.detach(), s.detach(), 0, None, backend, False, False, False))
+    torch.library.opcheck(op, (q, k, s.detach(), 1, extra.detach(), backend, True, True, False, False))
+    torch.library.opcheck(op, (q, k, s, None, None, backend, True, False, True, False))
+    z = torch.randn(6, 3, requires_grad=True)
+    torch.library.opcheck(op, (z, z, s, 0, None, backend, True, True, True, True))
+    torch.library.opcheck(op, (q.detach(), k.detach(), s.detach(), 0, None, backend, False, False, False, False))
     lse = torch.randn(5)
     torch.library.opcheck(torch.ops.sslfast.dot_lse_backward.default,
                           (q.detach(), k.detach(), s.detach(), lse, torch.randn(5), 1, True, False, backend))

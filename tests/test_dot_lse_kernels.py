@@ -359,3 +359,41 @@ def test_memory_cuda():
     extra = torch.cuda.max_memory_allocated() - base
     # Outputs dq, dk (fp32) plus O(R) vectors; one R x C fp32 matrix would be 256 MiB.
     assert extra < (R + C) * 128 * 4 + (4 << 20)
+
+
+# ----------------------------------------------------------------------------- symmetric
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,d,exclude_offset", [(1, 3, 0), (6, 16, 0), (37, 70, None), (40, 24, 0)])
+@pytest.mark.parametrize("config", [None, SMALL_CONFIG])
+def test_symmetric_backward_is_dq_plus_dk(dtype, n, d, exclude_offset, config):
+    """NT-Xent's case (the rows against themselves): one symmetric pass gives dq + dk."""
+    z = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    z = z.to(device=DEVICE, dtype=dtype)
+    scale = torch.tensor(3.0, device=DEVICE)
+    g = torch.rand(n, dtype=torch.float32, device=DEVICE) + 0.5  # not uniform
+    lse = dot_lse_forward(z, z, scale, exclude_offset, config=config)
+    dq, dk, ds = dot_lse_backward(z, z, scale, lse, g, exclude_offset, config=config)
+    dz, none, ds_sym = dot_lse_backward(z, z, scale, lse, g, exclude_offset, symmetric=True,
+                                        config=config)
+    assert none is None
+    full = dq + dk
+    rtol = TOL[dtype][1]
+    torch.testing.assert_close(dz, full, rtol=rtol, atol=rtol * full.abs().max().item() + 1e-12)
+    torch.testing.assert_close(ds_sym, ds, rtol=1e-5, atol=1e-6)
+    # ... and both equal the float64 reference's gradient of the rows.
+    z64 = z.detach().double().requires_grad_()
+    s64 = scale.double()
+    logits = s64 * z64 @ z64.t()
+    if exclude_offset == 0:
+        logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=DEVICE), float("-inf"))
+    (ref,) = torch.autograd.grad((torch.logsumexp(logits, 1) * g.double()).sum(), [z64])
+    torch.testing.assert_close(dz.double(), ref, rtol=rtol, atol=rtol * ref.abs().max().item() + 1e-12)
+
+
+def test_symmetric_needs_square_rows():
+    z = torch.randn(4, 16, device=DEVICE)
+    lse = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="symmetric=True"):
+        dot_lse_backward(z, z, torch.tensor(1.0, device=DEVICE), lse, lse, 2, symmetric=True)

@@ -132,12 +132,19 @@ def _dot_lse_fwd_kernel(
 
 @triton.jit
 def _dot_lse_bwd_dq_kernel(
-    q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, dq_ptr, dscale_part_ptr,
+    q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, g_norm_ptr, dq_ptr, dscale_part_ptr,
     R, C, stride_q, stride_k, stride_dq, exclude_offset,
     D, HAS_EXCLUDE: tl.constexpr, IEEE: tl.constexpr, STORE_DQ: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
-    """One program per row tile: dq rows (if STORE_DQ) and per-row dscale partials."""
+    """One program per row tile: dq rows (if STORE_DQ) and per-row dscale partials.
+
+    SYMMETRIC (q and k are the same rows, the exclusion is the diagonal or none, as in
+    NT-Xent): the similarity tile is symmetric, so P_ji comes from the same tile as
+    P_ij and dq_i = scale * sum_j (g_i P_ij + g_j P_ji) k_j is the whole gradient of
+    the rows: one pass, no dk pass. g is divided by max|g| (g_norm_ptr) inside the
+    product and multiplied back at the end."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -150,7 +157,15 @@ def _dot_lse_bwd_dq_kernel(
     qk_scale = scale * LOG2E
     lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    row_mul = g * scale
+    if SYMMETRIC:
+        g_norm = tl.load(g_norm_ptr).to(tl.float32)
+        g_div = 1.0 / g_norm
+        g_in = g * g_div  # row weights inside the product
+        row_mul = tl.zeros([BLOCK_R], dtype=tl.float32) + scale * g_norm
+    else:
+        g_div = 1.0
+        g_in = g  # unused
+        row_mul = g * scale
 
     if SINGLE_D:  # the q tile stays resident across column tiles
         q_res = tl.load(q_rows_ptr + offs_d[None, :],
@@ -182,17 +197,24 @@ def _dot_lse_bwd_dq_kernel(
         # where() first: on an empty row lse = -inf and the exp overflows, but is not selected.
         p = tl.where(ok, tl.exp2(qk * qk_scale - lse2[:, None]), 0.0)
         ds_acc += tl.sum(p * qk, 1)
+        if SYMMETRIC:
+            lse2_c = tl.load(lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0) * g_div
+            p_t = tl.where(ok, tl.exp2(qk * qk_scale - lse2_c[None, :]), 0.0)
+            w = p * g_in[:, None] + p_t * g_c[None, :]
+        else:
+            w = p
         if STORE_DQ:
             # g is per row, so it is applied after the product: the low-precision operand
             # is p in [0, 1] (no fp16 overflow/underflow from g's magnitude).
             if SINGLE_D:
-                dq_acc += _mm(p.to(k_res.dtype), k_res, IEEE)
+                dq_acc += _mm(w.to(k_res.dtype), k_res, IEEE)
             else:
                 for d0 in range(0, D, BLOCK_D):
                     dd = d0 + offs_d
                     d_ok = dd[None, :] < D
                     kc = tl.load(k_cols_ptr + dd[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                    part = _mm(p.to(kc.dtype), kc, IEEE) * row_mul[:, None]
+                    part = _mm(w.to(kc.dtype), kc, IEEE) * row_mul[:, None]
                     msk = row_ok[:, None] & d_ok
                     cur = tl.load(dq_rows_ptr + dd[None, :], mask=msk, other=0.0)
                     tl.store(dq_rows_ptr + dd[None, :], cur + part, mask=msk)
@@ -313,7 +335,7 @@ _single_d = triton.heuristics({"SINGLE_D": lambda a: a["D"] <= a["BLOCK_D"]})
 # All args are passed positionally, so the key args are in the autotuner's named args
 # on every Triton version; tensor dtypes are added to the key by Triton itself.
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_fwd_kernel))
-_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ"])(
+_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ", "SYMMETRIC"])(
     _single_d(_dot_lse_bwd_dq_kernel))
 _bwd_dk_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_bwd_dk_kernel))
 
@@ -431,14 +453,23 @@ def dot_lse_forward(q, k, scale, exclude_offset=None, extra=None, *, config=None
 
 
 def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=True, need_dk=True,
-                     *, config=None):
+                     *, symmetric=False, config=None):
     """(dq, dk, dscale) for lse = dot_lse_forward(q, k, scale, exclude_offset, extra).
 
     With P_ij = exp(scale * q_i.k_j - lse_i) on row i's included set and g = grad_lse:
     dq = scale * (g P) k (R, D) float32 or None; dk = scale * (g P)^T q (C, D) float32 or
     None; dscale = sum_ij g_i P_ij q_i.k_j, a 0-dim float32 tensor. extra's own gradient
     (g * exp(extra - lse)) is the caller's.
+
+    symmetric=True: q and k hold the same rows and the exclusion is None or 0 (NT-Xent on
+    one process). Then dq is the rows' whole gradient (dq + dk of the general case),
+    computed in one pass, and dk is None.
     """
+    if symmetric:
+        if q.shape != k.shape or exclude_offset not in (None, 0):
+            raise ValueError("symmetric=True needs q and k of the same shape (the same rows) "
+                             "and exclude_offset None or 0")
+        need_dq, need_dk = True, False
     q, k = _check_qk(q, k)
     R, D = q.shape
     C = k.shape[0]
@@ -458,11 +489,13 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
                 t.zero_()
         return dq, dk, torch.zeros((), dtype=torch.float32, device=dev)
 
+    # max|g| on device (no host sync), floored so that 1/max stays finite.
+    g_norm = g.abs().amax().clamp_min(1e-30) if symmetric else scale_t
     _launch(
         _dot_lse_bwd_dq_kernel, _bwd_dq_tuned, config, "BLOCK_R", R, D,
-        q, k, scale_t, lse, g, dq if need_dq else dscale_part, dscale_part,
+        q, k, scale_t, lse, g, g_norm, dq if need_dq else dscale_part, dscale_part,
         R, C, q.stride(0), k.stride(0), D if need_dq else 0, off,
-        D, has_excl, ieee, bool(need_dq),  # HAS_EXCLUDE, IEEE, STORE_DQ
+        D, has_excl, ieee, bool(need_dq), bool(symmetric),  # HAS_EXCLUDE, IEEE, STORE_DQ, SYMMETRIC
     )
     if need_dk:
         norm_g = q.dtype == torch.float16

@@ -131,11 +131,14 @@ def dot_lse_mean(
     need_dq: bool,
     need_dk: bool,
     need_ds: bool,
+    symmetric: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean_i lse_i, lse, dq1, dk1, ds1): the loss term, the per-row log-sum-exp
     (float64 for float64 inputs, else float32), and on the ``cpu`` backend the
     gradients of the mean computed eagerly for the needs flagged (0-element
-    tensors otherwise; the backward then recomputes tile by tile)."""
+    tensors otherwise; the backward then recomputes tile by tile). ``symmetric``:
+    q and k are the same rows and the exclusion is None or 0 (NT-Xent on one
+    process): the Triton backward then makes one pass for the whole gradient."""
     ct = _compute_dtype(q)
     if backend == "cpu":
         lse, dq, dk, ds = _cpu_forward(q, k, scale, exclude_offset, extra, need_dq, need_dk, need_ds)
@@ -157,7 +160,7 @@ def dot_lse_mean(
 
 
 @dot_lse_mean.register_fake
-def _(q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds):
+def _(q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds, symmetric):
     ct = _compute_dtype(q)
     eager = backend == "cpu"
     return (
@@ -180,10 +183,22 @@ def dot_lse_backward(
     need_dq: bool,
     need_dk: bool,
     backend: str,
+    symmetric: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dscale) in lse's dtype; dq/dk are empty (0-element) when not needed."""
+    """(dq, dk, dscale) in lse's dtype; dq/dk are empty (0-element) when not needed.
+    symmetric (q and k the same rows, exclusion None or 0): dq is the rows' whole
+    gradient and dk is empty."""
     grad_lse = grad_lse.to(_compute_dtype(q)).contiguous()
-    if backend == "triton":
+    if symmetric:
+        if backend == "triton":
+            dq, _, dscale = _kernels().dot_lse_backward(q, k, scale, lse, grad_lse,
+                                                        exclude_offset, symmetric=True)
+        else:
+            dq, dk, dscale = dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset, True,
+                                              True, backend)
+            dq = dq + dk
+        need_dq, need_dk = True, False
+    elif backend == "triton":
         dq, dk, dscale = _kernels().dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset,
                                                      need_dq, need_dk)
     elif backend == "cpu":
@@ -211,25 +226,27 @@ def _reference_backward(q, k, scale, lse, grad_lse, exclude_offset):
 
 
 @dot_lse_backward.register_fake
-def _(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk, backend):
+def _(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk, backend, symmetric=False):
     ct = _compute_dtype(q)
+    if symmetric:
+        need_dq, need_dk = True, False
     dq = q.new_empty(q.shape, dtype=ct) if need_dq else q.new_empty(0, dtype=ct)
     dk = k.new_empty(k.shape, dtype=ct) if need_dk else k.new_empty(0, dtype=ct)
     return dq, dk, q.new_empty((), dtype=ct)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds = inputs
+    q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds, symmetric = inputs
     _, lse, dq1, dk1, ds1 = output
     ctx.save_for_backward(q, k, scale, extra, lse, dq1, dk1, ds1)
-    ctx.exclude_offset, ctx.backend = exclude_offset, backend
+    ctx.exclude_offset, ctx.backend, ctx.symmetric = exclude_offset, backend, symmetric
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
     q, k, scale, extra, lse, dq1, dk1, ds1 = ctx.saved_tensors
     need_dq, need_dk, need_scale, _, need_extra = ctx.needs_input_grad[:5]
-    none = (None,) * 9
+    none = (None,) * 10
     if grad_mean is None:
         return none
     grad_mean = grad_mean.to(lse.dtype)
@@ -243,6 +260,12 @@ def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
         dq = grad_mean * dq1 if need_dq else None
         dk = grad_mean * dk1 if need_dk else None
         dscale = grad_mean * ds1 if need_scale else None
+    elif ctx.symmetric and need_dq and need_dk:
+        # q and k are one tensor: its whole gradient goes to q (autograd adds the two).
+        grad_lse = (grad_mean / lse.shape[0]).expand(lse.shape[0])
+        dq, _, dscale = dot_lse_backward(q, k, scale, lse, grad_lse, ctx.exclude_offset,
+                                         True, False, ctx.backend, True)
+        need_dk = False
     else:
         grad_lse = (grad_mean / lse.shape[0]).expand(lse.shape[0])
         dq, dk, dscale = dot_lse_backward(q, k, scale, lse, grad_lse, ctx.exclude_offset,
@@ -261,6 +284,7 @@ def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
         None,
         None,
         None,
+        None,
     )
 
 
@@ -274,8 +298,9 @@ def dot_lse(q, k, scale, exclude_offset=None, extra=None, backend="cpu"):
     Inputs are assumed checked by the caller (the losses): q (R, D) and k (C, D)
     of one float dtype on one device; extra (R,) or None.
     """
+    symmetric = q is k and exclude_offset in (None, 0)
     q = q.contiguous()
-    k = k.contiguous()
+    k = q if symmetric else k.contiguous()
     if extra is not None:
         extra = extra.to(_compute_dtype(q)).contiguous()
     if backend == "triton" and q.dtype == torch.float64:
@@ -284,4 +309,4 @@ def dot_lse(q, k, scale, exclude_offset=None, extra=None, backend="cpu"):
     grad = torch.is_grad_enabled()
     return dot_lse_mean(q, k, scale, exclude_offset, extra, backend,
                         grad and q.requires_grad, grad and k.requires_grad,
-                        grad and scale.requires_grad)[0]
+                        grad and scale.requires_grad, symmetric)[0]
