@@ -13,7 +13,6 @@ in the same run (bf16 on GPU, fp32 on CPU). Out-of-memory is recorded, not fatal
     python benchmarks/bench_contrastive.py [--quick] [--device cpu|cuda] [--no-write]
 """
 
-import argparse
 import os
 import sys
 
@@ -134,15 +133,7 @@ def run(device, quick=False, write=True):
                     r["tflops"] = flops / m["median_ms"] / 1e9
                     r["pct_of_peak"] = 100 * r["tflops"] / ceil[peak_key]
                 rows_out.append(r)
-            ok = [r for r in rows_out if not r.get("oom")]
-            ref = next((r["median_ms"] for r in ok if r["provider"] == "reference"), None)
-            others = [r["median_ms"] for r in ok if r["provider"] != "sslfast"]
-            ref_mem = next((r["peak_mem_bytes"] for r in ok if r["provider"] == "reference"), None)
-            for r in ok:
-                r["speedup_vs_reference"] = ref / r["median_ms"] if ref else None
-                r["speedup_vs_best_other"] = min(others) / r["median_ms"] if others else None
-                if ref_mem and r["peak_mem_bytes"] is not None:
-                    r["mem_vs_reference"] = r["peak_mem_bytes"] / ref_mem
+            harness.add_speedups(rows_out)
             print(f"\n  {shape}, {dtype}")
             harness.print_table(rows_out, ["provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes",
                                            "tflops", "pct_of_peak", "speedup_vs_reference",
@@ -155,11 +146,7 @@ def run(device, quick=False, write=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-write", action="store_true")
-    a = p.parse_args(argv)
+    a = harness.parser(__doc__).parse_args(argv)
     run(torch.device(a.device), a.quick, not a.no_write)
 
 

@@ -16,7 +16,6 @@ in the same run: the better of a device-to-device copy and an in-place add.
     python benchmarks/bench_ema.py [--quick] [--device cpu|cuda] [--no-write]
 """
 
-import argparse
 import copy
 import os
 import sys
@@ -113,11 +112,7 @@ def run(device, quick=False, write=True, models=None):
                     "pct_of_peak": 100 * gbps / ceil["mem_gbps"], "ceilings": ceil,
                     "quick": quick,
                 })
-            ref = next(r for r in rows if r["provider"] == "loop")["median_ms"]
-            others = [r["median_ms"] for r in rows if not r["provider"].startswith("sslfast")]
-            for r in rows:
-                r["speedup_vs_reference"] = ref / r["median_ms"]
-                r["speedup_vs_best_other"] = min(others) / r["median_ms"]
+            harness.add_speedups(rows, reference="loop")
             print(f"\n  {name}, {case}")
             harness.print_table(rows, ["provider", "median_ms", "p20_ms", "p80_ms",
                                        "peak_mem_bytes", "gbps", "pct_of_peak",
@@ -130,11 +125,8 @@ def run(device, quick=False, write=True, models=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="ResNet-50 only, short timing")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = harness.parser(__doc__)
     p.add_argument("--models", default=None, help="comma-separated: " + ",".join(MODELS))
-    p.add_argument("--no-write", action="store_true", help="do not append to benchmarks/results")
     a = p.parse_args(argv)
     models = a.models.split(",") if a.models else None
     run(torch.device(a.device), a.quick, not a.no_write, models)

@@ -159,6 +159,30 @@ def ceilings(device, quick=False):
     return out
 
 
+def add_speedups(rows, reference="reference"):
+    """speedup_vs_reference / speedup_vs_best_other (non-sslfast providers) and
+    mem_vs_reference on every row that ran; rows that ran out of memory are skipped."""
+    ok = [r for r in rows if not r.get("oom")]
+    ref = next((r for r in ok if r["provider"] == reference), None)
+    others = [r["median_ms"] for r in ok if not r["provider"].startswith("sslfast")]
+    for r in ok:
+        r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
+        r["speedup_vs_best_other"] = min(others) / r["median_ms"] if others else None
+        if ref and ref.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
+            r["mem_vs_reference"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
+
+
+def parser(doc):
+    """The command line every bench_<op>.py shares: --quick, --device, --no-write."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small cases, short timing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-write", action="store_true", help="do not append to benchmarks/results")
+    return p
+
+
 def write_records(op, records):
     """Append records as JSON lines to benchmarks/results/<op>.jsonl."""
     os.makedirs(RESULTS, exist_ok=True)

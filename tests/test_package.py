@@ -76,6 +76,13 @@ def test_harness_records_and_report(bench_modules, tmp_path, monkeypatch):
                      "median_ms": ms, "gbps": 10.0 / ms, "pct_of_peak": 50.0 / ms,
                      "ceiling_gbps": 20.0, "speedup_vs_reference": 2.0 / ms,
                      "speedup_vs_best_other": 2.0 / ms, "quick": False})
+    sample = [{"provider": "reference", "median_ms": 4.0, "peak_mem_bytes": 100},
+              {"provider": "lightly", "median_ms": 2.0, "peak_mem_bytes": 50},
+              {"provider": "big", "oom": True},
+              {"provider": "sslfast", "median_ms": 1.0, "peak_mem_bytes": 10}]
+    harness.add_speedups(sample)
+    assert sample[3]["speedup_vs_reference"] == 4.0 and sample[3]["speedup_vs_best_other"] == 2.0
+    assert sample[3]["mem_vs_reference"] == 0.1 and "speedup_vs_reference" not in sample[2]
     path = harness.write_records("ema", recs)
     harness.write_records("ema", recs)  # appends, never overwrites
     lines = [json.loads(line) for line in open(path)]
