@@ -76,3 +76,15 @@ def test_bad_input():
         clip_loss(x, x, float("inf"))
     with pytest.raises(TypeError, match="text_features must be a floating-point"):
         clip_loss(x, torch.ones(4, 8, dtype=torch.int32), 1.0)
+
+
+def test_compile_fullgraph():
+    x, y = features(6, 8, torch.float32), features(6, 8, torch.float32)
+    s = torch.tensor(5.0, requires_grad=True)
+    f = torch.compile(lambda x, y, s: clip_loss(x, y, s, backend="cpu"), fullgraph=True,
+                      backend="aot_eager")
+    loss = f(x, y, s)
+    loss.backward()
+    ref = clip_reference(*as_float64_leaves(x, y, s))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    assert x.grad is not None and s.grad is not None

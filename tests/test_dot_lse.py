@@ -96,6 +96,27 @@ def test_opcheck(backend):
                           (q.detach(), k.detach(), s.detach(), lse, torch.randn(5), 1, True, False, backend))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_pair_opcheck_and_parity(backend):
+    """CLIP's two directions over one logit matrix."""
+    x, y, s, _ = _inputs(6, 9, 5, torch.float32, False)
+    y = y[:6].detach().requires_grad_()
+    op = torch.ops.sslfast.dot_lse_pair_mean.default
+    torch.library.opcheck(op, (x, y, s, backend, True, True, True))
+    torch.library.opcheck(op, (x.detach(), y, s.detach(), backend, False, True, False))
+    from sslfast.ops.dot_lse import dot_lse_pair
+
+    out = dot_lse_pair(x, y, s, backend)
+    grads = torch.autograd.grad(out, [x, y, s])
+    leaves = [t.detach().double().requires_grad_() for t in (x, y, s)]
+    ref = (dot_lse_reference(leaves[0], leaves[1], leaves[2]).mean()
+           + dot_lse_reference(leaves[1], leaves[0], leaves[2]).mean())
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert_parity(out, ref, torch.float32, "pair")
+    for name, a, b in zip(["dx", "dy", "dscale"], grads, ref_grads):
+        assert_parity(a.double(), b, torch.float32, name)
+
+
 def test_compile_fullgraph():
     q, k, s, extra = _inputs(9, 11, 5, torch.float32, True)
 

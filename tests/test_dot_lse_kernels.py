@@ -397,3 +397,27 @@ def test_symmetric_needs_square_rows():
     lse = torch.zeros(4, device=DEVICE)
     with pytest.raises(ValueError, match="symmetric=True"):
         dot_lse_backward(z, z, torch.tensor(1.0, device=DEVICE), lse, lse, 2, symmetric=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,d", [(1, 3), (7, 16), (37, 70)])
+@pytest.mark.parametrize("config", [None, SMALL_CONFIG])
+def test_two_sided_backward_is_both_directions(dtype, n, d, config):
+    """CLIP's case: rows x against columns y, and y against x over the same logits.
+    One two-sided pass per side gives each side's whole gradient."""
+    x, y = (torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+            .to(device=DEVICE, dtype=dtype) for _ in range(2))
+    scale = torch.tensor(-4.0, device=DEVICE)
+    g = torch.rand(n, device=DEVICE) + 0.5
+    h = torch.rand(n, device=DEVICE) + 0.5
+    lse_x = dot_lse_forward(x, y, scale, config=config)
+    lse_y = dot_lse_forward(y, x, scale, config=config)
+    dq1, dk1, ds1 = dot_lse_backward(x, y, scale, lse_x, g, config=config)
+    dq2, dk2, ds2 = dot_lse_backward(y, x, scale, lse_y, h, config=config)
+    dx, none, ds = dot_lse_backward(x, y, scale, lse_x, g, col_lse=lse_y, col_grad=h, config=config)
+    dy, _, _ = dot_lse_backward(y, x, scale, lse_y, h, col_lse=lse_x, col_grad=g, config=config)
+    assert none is None
+    rtol = TOL[dtype][1]
+    for got, want in ((dx, dq1 + dk2), (dy, dq2 + dk1)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item() + 1e-12)
+    torch.testing.assert_close(ds, ds1 + ds2, rtol=1e-4, atol=1e-5)

@@ -132,19 +132,22 @@ def _dot_lse_fwd_kernel(
 
 @triton.jit
 def _dot_lse_bwd_dq_kernel(
-    q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, g_norm_ptr, dq_ptr, dscale_part_ptr,
+    q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, g_norm_ptr, col_lse_ptr, col_g_ptr,
+    dq_ptr, dscale_part_ptr,
     R, C, stride_q, stride_k, stride_dq, exclude_offset,
     D, HAS_EXCLUDE: tl.constexpr, IEEE: tl.constexpr, STORE_DQ: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
+    TWO_SIDED: tl.constexpr, DS_BOTH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
     """One program per row tile: dq rows (if STORE_DQ) and per-row dscale partials.
 
-    SYMMETRIC (q and k are the same rows, the exclusion is the diagonal or none, as in
-    NT-Xent): the similarity tile is symmetric, so P_ji comes from the same tile as
-    P_ij and dq_i = scale * sum_j (g_i P_ij + g_j P_ji) k_j is the whole gradient of
-    the rows: one pass, no dk pass. g is divided by max|g| (g_norm_ptr) inside the
-    product and multiplied back at the end."""
+    TWO_SIDED: the columns have a log-sum-exp of their own over the same tile
+    (col_lse, with upstream gradient col_g), so with P'_ij = exp(s q_i.k_j - col_lse_j)
+    dq_i = scale * sum_j (g_i P_ij + col_g_j P'_ij) k_j: the rows' whole gradient in
+    one pass. NT-Xent on one process (q is k: col_lse = lse, col_g = g, P'_ij = P_ji)
+    and CLIP (col_lse = the other direction's lse) use it. g and col_g are divided by
+    g_norm inside the product and multiplied back at the end. DS_BOTH: the dscale
+    partials include the column term (CLIP); else only the rows' (NT-Xent)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -157,7 +160,7 @@ def _dot_lse_bwd_dq_kernel(
     qk_scale = scale * LOG2E
     lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    if SYMMETRIC:
+    if TWO_SIDED:
         g_norm = tl.load(g_norm_ptr).to(tl.float32)
         g_div = 1.0 / g_norm
         g_in = g * g_div  # row weights inside the product
@@ -196,14 +199,17 @@ def _dot_lse_bwd_dq_kernel(
             ok = ok & (cols[None, :] != rows[:, None] + exclude_offset)
         # where() first: on an empty row lse = -inf and the exp overflows, but is not selected.
         p = tl.where(ok, tl.exp2(qk * qk_scale - lse2[:, None]), 0.0)
-        ds_acc += tl.sum(p * qk, 1)
-        if SYMMETRIC:
-            lse2_c = tl.load(lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
-            g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0) * g_div
+        if TWO_SIDED:
+            lse2_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            g_c = tl.load(col_g_ptr + cols, mask=col_ok, other=0.0) * g_div
             p_t = tl.where(ok, tl.exp2(qk * qk_scale - lse2_c[None, :]), 0.0)
             w = p * g_in[:, None] + p_t * g_c[None, :]
         else:
             w = p
+        if DS_BOTH:
+            ds_acc += tl.sum(w * qk, 1)
+        else:
+            ds_acc += tl.sum(p * qk, 1)
         if STORE_DQ:
             # g is per row, so it is applied after the product: the low-precision operand
             # is p in [0, 1] (no fp16 overflow/underflow from g's magnitude).
@@ -224,7 +230,10 @@ def _dot_lse_bwd_dq_kernel(
         if SINGLE_D:
             tl.store(dq_rows_ptr + offs_d[None, :], dq_acc * row_mul[:, None],
                      mask=row_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(dscale_part_ptr + rows, ds_acc * g, mask=row_ok)
+    if DS_BOTH:
+        tl.store(dscale_part_ptr + rows, ds_acc * g_norm, mask=row_ok)
+    else:
+        tl.store(dscale_part_ptr + rows, ds_acc * g, mask=row_ok)
 
 
 @triton.jit
@@ -335,7 +344,7 @@ _single_d = triton.heuristics({"SINGLE_D": lambda a: a["D"] <= a["BLOCK_D"]})
 # All args are passed positionally, so the key args are in the autotuner's named args
 # on every Triton version; tensor dtypes are added to the key by Triton itself.
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_fwd_kernel))
-_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ", "SYMMETRIC"])(
+_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ", "TWO_SIDED", "DS_BOTH"])(
     _single_d(_dot_lse_bwd_dq_kernel))
 _bwd_dk_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_bwd_dk_kernel))
 
@@ -453,7 +462,7 @@ def dot_lse_forward(q, k, scale, exclude_offset=None, extra=None, *, config=None
 
 
 def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=True, need_dk=True,
-                     *, symmetric=False, config=None):
+                     *, symmetric=False, col_lse=None, col_grad=None, config=None):
     """(dq, dk, dscale) for lse = dot_lse_forward(q, k, scale, exclude_offset, extra).
 
     With P_ij = exp(scale * q_i.k_j - lse_i) on row i's included set and g = grad_lse:
@@ -464,11 +473,20 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
     symmetric=True: q and k hold the same rows and the exclusion is None or 0 (NT-Xent on
     one process). Then dq is the rows' whole gradient (dq + dk of the general case),
     computed in one pass, and dk is None.
+
+    col_lse, col_grad ((C,) float32): the columns' own log-sum-exp over the same logits
+    (CLIP's other direction, lse of k against q) and its upstream gradient. Then dq
+    includes that direction's gradient for the rows, dscale both directions', and dk is
+    None: call again with the roles swapped for k's gradient (ignoring its dscale).
     """
+    two_sided = symmetric or col_lse is not None
     if symmetric:
         if q.shape != k.shape or exclude_offset not in (None, 0):
             raise ValueError("symmetric=True needs q and k of the same shape (the same rows) "
                              "and exclude_offset None or 0")
+        if col_lse is not None:
+            raise ValueError("symmetric=True takes no col_lse (the rows' lse is used)")
+    if two_sided:
         need_dq, need_dk = True, False
     q, k = _check_qk(q, k)
     R, D = q.shape
@@ -479,6 +497,13 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
     lse = _row_vector(lse, R, dev, "lse")
     g = _row_vector(grad_lse, R, dev, "grad_lse")
     ieee = q.dtype == torch.float32
+    if col_lse is not None:
+        if exclude_offset is not None:
+            raise ValueError("col_lse takes no exclude_offset")
+        col_lse = _row_vector(col_lse, C, dev, "col_lse")
+        col_g = _row_vector(col_grad, C, dev, "col_grad")
+    elif symmetric:
+        col_lse, col_g = lse, g
 
     dq = torch.empty((R, D), dtype=torch.float32, device=dev) if need_dq else None
     dk = torch.empty((C, D), dtype=torch.float32, device=dev) if need_dk else None
@@ -489,13 +514,16 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
                 t.zero_()
         return dq, dk, torch.zeros((), dtype=torch.float32, device=dev)
 
-    # max|g| on device (no host sync), floored so that 1/max stays finite.
-    g_norm = g.abs().amax().clamp_min(1e-30) if symmetric else scale_t
+    if two_sided:  # max|g| on device (no host sync), floored so that 1/max stays finite
+        g_norm = torch.maximum(g.abs().amax(), col_g.abs().amax()).clamp_min(1e-30)
+    else:
+        g_norm, col_lse, col_g = scale_t, lse, g  # unused by the kernel
     _launch(
         _dot_lse_bwd_dq_kernel, _bwd_dq_tuned, config, "BLOCK_R", R, D,
-        q, k, scale_t, lse, g, g_norm, dq if need_dq else dscale_part, dscale_part,
+        q, k, scale_t, lse, g, g_norm, col_lse, col_g, dq if need_dq else dscale_part, dscale_part,
         R, C, q.stride(0), k.stride(0), D if need_dq else 0, off,
-        D, has_excl, ieee, bool(need_dq), bool(symmetric),  # HAS_EXCLUDE, IEEE, STORE_DQ, SYMMETRIC
+        # HAS_EXCLUDE, IEEE, STORE_DQ, TWO_SIDED, DS_BOTH
+        D, has_excl, ieee, bool(need_dq), two_sided, two_sided and not symmetric,
     )
     if need_dk:
         norm_g = q.dtype == torch.float16

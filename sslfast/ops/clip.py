@@ -12,6 +12,7 @@ from sslfast.ops._contrastive import (
     row_dot,
     scale_tensor,
 )
+from sslfast.ops.dot_lse import dot_lse_pair
 
 
 def clip_loss(image_features, text_features, logit_scale, gather_distributed=False,
@@ -30,6 +31,6 @@ def clip_loss(image_features, text_features, logit_scale, gather_distributed=Fal
     pos = row_dot(x, y, scale)
     if gather_distributed and distributed.world_size() > 1:
         x_all, y_all = distributed.gather(x), distributed.gather(y)
-    else:
-        x_all, y_all = x, y
-    return (mean_ce(x, y_all, scale, pos, name) + mean_ce(y, x_all, scale, pos, name)) / 2
+        return (mean_ce(x, y_all, scale, pos, name) + mean_ce(y, x_all, scale, pos, name)) / 2
+    # One process: both directions share the logits s x y^T.
+    return dot_lse_pair(x, y, scale, backend=name) / 2 - pos.mean()

@@ -184,12 +184,26 @@ def dot_lse_backward(
     need_dk: bool,
     backend: str,
     symmetric: bool = False,
+    col_lse: Optional[torch.Tensor] = None,
+    col_grad: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dscale) in lse's dtype; dq/dk are empty (0-element) when not needed.
     symmetric (q and k the same rows, exclusion None or 0): dq is the rows' whole
-    gradient and dk is empty."""
+    gradient and dk is empty. col_lse/col_grad (CLIP: the lse of k against q and its
+    upstream gradient): dq and dscale include that direction too, dk is empty."""
     grad_lse = grad_lse.to(_compute_dtype(q)).contiguous()
-    if symmetric:
+    if col_lse is not None:
+        col_grad = col_grad.to(_compute_dtype(q)).contiguous()
+        if backend == "triton":
+            dq, _, dscale = _kernels().dot_lse_backward(q, k, scale, lse, grad_lse, None,
+                                                        col_lse=col_lse, col_grad=col_grad)
+        else:
+            dq, _, ds1 = dot_lse_backward(q, k, scale, lse, grad_lse, None, True, False, backend)
+            _, dk2, ds2 = dot_lse_backward(k, q, scale, col_lse, col_grad, None, False, True,
+                                           backend)
+            dq, dscale = dq + dk2, ds1 + ds2
+        need_dq, need_dk = True, False
+    elif symmetric:
         if backend == "triton":
             dq, _, dscale = _kernels().dot_lse_backward(q, k, scale, lse, grad_lse,
                                                         exclude_offset, symmetric=True)
@@ -226,9 +240,10 @@ def _reference_backward(q, k, scale, lse, grad_lse, exclude_offset):
 
 
 @dot_lse_backward.register_fake
-def _(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk, backend, symmetric=False):
+def _(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk, backend, symmetric=False,
+      col_lse=None, col_grad=None):
     ct = _compute_dtype(q)
-    if symmetric:
+    if symmetric or col_lse is not None:
         need_dq, need_dk = True, False
     dq = q.new_empty(q.shape, dtype=ct) if need_dq else q.new_empty(0, dtype=ct)
     dk = k.new_empty(k.shape, dtype=ct) if need_dk else k.new_empty(0, dtype=ct)
@@ -310,3 +325,114 @@ def dot_lse(q, k, scale, exclude_offset=None, extra=None, backend="cpu"):
     return dot_lse_mean(q, k, scale, exclude_offset, extra, backend,
                         grad and q.requires_grad, grad and k.requires_grad,
                         grad and scale.requires_grad, symmetric)[0]
+
+
+# ---- CLIP: both directions over the same logits ----------------------------------------
+
+
+@torch.library.custom_op("sslfast::dot_lse_pair_mean", mutates_args=())
+def dot_lse_pair_mean(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    backend: str,
+    need_dx: bool,
+    need_dy: bool,
+    need_ds: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mean_i lse(x_i against y) + mean_j lse(y_j against x), both over the logits
+    scale * x y^T, with (lse_x, lse_y) and, on the ``cpu`` backend, the eager
+    gradients (dx1, dy1, ds1) of that sum (0-element otherwise)."""
+    ct = _compute_dtype(x)
+    none = lambda: x.new_empty(0, dtype=ct)  # noqa: E731
+    if backend == "cpu":
+        lse_x, dq_a, dk_a, ds_a = _cpu_forward(x, y, scale, None, None, need_dx, need_dy, need_ds)
+        lse_y, dq_b, dk_b, ds_b = _cpu_forward(y, x, scale, None, None, need_dy, need_dx, need_ds)
+        dx = dq_a + dk_b if need_dx else none()
+        dy = dk_a + dq_b if need_dy else none()
+        ds = ds_a + ds_b if need_ds else none()
+    else:
+        if backend == "triton":
+            lse_x = _kernels().dot_lse_forward(x, y, scale)
+            lse_y = _kernels().dot_lse_forward(y, x, scale)
+        else:
+            x64, y64, s64 = x.double(), y.double(), scale.double()
+            lse_x = dot_lse_reference(x64, y64, s64).to(ct)
+            lse_y = dot_lse_reference(y64, x64, s64).to(ct)
+        dx, dy, ds = none(), none(), none()
+    return lse_x.mean() + lse_y.mean(), lse_x, lse_y, dx, dy, ds
+
+
+@dot_lse_pair_mean.register_fake
+def _(x, y, scale, backend, need_dx, need_dy, need_ds):
+    ct = _compute_dtype(x)
+    eager = backend == "cpu"
+    return (
+        x.new_empty((), dtype=ct),
+        x.new_empty(x.shape[0], dtype=ct),
+        y.new_empty(y.shape[0], dtype=ct),
+        x.new_empty(x.shape if eager and need_dx else (0,), dtype=ct),
+        y.new_empty(y.shape if eager and need_dy else (0,), dtype=ct),
+        x.new_empty(() if eager and need_ds else (0,), dtype=ct),
+    )
+
+
+def _pair_setup_context(ctx, inputs, output):
+    x, y, scale, backend, _, _, _ = inputs
+    _, lse_x, lse_y, dx1, dy1, ds1 = output
+    ctx.save_for_backward(x, y, scale, lse_x, lse_y, dx1, dy1, ds1)
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)
+
+
+def _pair_backward(ctx, grad, *_unused):
+    x, y, scale, lse_x, lse_y, dx1, dy1, ds1 = ctx.saved_tensors
+    need_dx, need_dy, need_scale = ctx.needs_input_grad[:3]
+    if grad is None:
+        return (None,) * 7
+    grad = grad.to(lse_x.dtype)
+    eager = (
+        ctx.backend == "cpu"
+        and (not need_dx or dx1.shape == x.shape)
+        and (not need_dy or dy1.shape == y.shape)
+        and (not need_scale or ds1.dim() == 0)
+    )
+    dx = dy = dscale = None
+    if eager:
+        dx = grad * dx1 if need_dx else None
+        dy = grad * dy1 if need_dy else None
+        dscale = grad * ds1 if need_scale else None
+    else:
+        g_x = (grad / lse_x.shape[0]).expand(lse_x.shape[0])
+        g_y = (grad / lse_y.shape[0]).expand(lse_y.shape[0])
+        # One two-sided pass per side: each side's whole gradient, both directions.
+        dx, _, dscale = dot_lse_backward(x, y, scale, lse_x, g_x, None, True, False, ctx.backend,
+                                         False, lse_y, g_y)
+        if need_dy:
+            dy, _, _ = dot_lse_backward(y, x, scale, lse_y, g_y, None, True, False, ctx.backend,
+                                        False, lse_x, g_x)
+    return (
+        dx.to(x.dtype) if need_dx else None,
+        dy.to(y.dtype) if need_dy else None,
+        dscale.to(scale.dtype) if need_scale else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("sslfast::dot_lse_pair_mean", _pair_backward,
+                                setup_context=_pair_setup_context)
+
+
+def dot_lse_pair(x, y, scale, backend="cpu"):
+    """mean_i lse(x_i vs y) + mean_j lse(y_j vs x) over scale * x y^T (CLIP's two
+    directions), a 0-dim tensor differentiable in x, y and scale."""
+    x, y = x.contiguous(), y.contiguous()
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError("the triton backend takes float32/bfloat16/float16 features; "
+                        "use backend='cpu' or 'reference' for float64")
+    grad = torch.is_grad_enabled()
+    return dot_lse_pair_mean(x, y, scale, backend, grad and x.requires_grad,
+                             grad and y.requires_grad, grad and scale.requires_grad)[0]
