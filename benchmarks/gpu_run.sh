@@ -3,12 +3,28 @@
 # extension in place, run the GPU tests, run the benchmark of every op, and
 # leave logs and result files in one folder.
 #
-#     bash benchmarks/gpu_run.sh OUTDIR        (default: $OUT, else ./gpu_out)
+#     bash benchmarks/gpu_run.sh OUTDIR [--quick] [--ops ema,...] [--no-tests]
+#                                   (OUTDIR default: $OUT, else ./gpu_out)
 #
+# The tests use one fixed Triton config (SSLFAST_TRITON_AUTOTUNE=0, set by conftest); the
+# benchmarks autotune. A full run can take longer than one 10-minute device call: split it
+# with --ops, --quick or --no-tests.
 # Pure-Python wheels in .whl/ (lightly, kornia, ...) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-gpu_out}}
+out=${OUT:-gpu_out}
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then out=$1; shift; fi
+run_tests=1
+bench_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-tests) run_tests=0 ;;
+    --quick) bench_args+=(--quick) ;;
+    --ops) bench_args+=(--ops "$2"); shift ;;
+    *) echo "gpu_run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 mkdir -p "$out"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -21,7 +37,10 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.lo
   tail -n 60 "$out/build.log"; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
-python3 -m pytest tests -m cuda -q -rs 2>&1 | tee "$out/pytest_cuda.log" | tail -n 25
-python3 benchmarks/run.py 2>&1 | tee "$out/bench.log" | tail -n 60
+if [ "$run_tests" = 1 ]; then
+  python3 -m pytest tests -m cuda -q -rs 2>&1 | tee "$out/pytest_cuda.log" | tail -n 25
+  echo "tests done: $(( $(date +%s) - start )) s"
+fi
+python3 benchmarks/run.py ${bench_args[@]+"${bench_args[@]}"} 2>&1 | tee "$out/bench.log" | tail -n 60
 cp benchmarks/results/*.jsonl "$out/"
 echo "done in $(( $(date +%s) - start )) s; files in $out"

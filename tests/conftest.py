@@ -10,6 +10,9 @@ except ImportError:  # pragma: no cover
     _HAS_GPU = False
 if not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests run one fixed Triton config per kernel (results must not depend on it); the
+# benchmarks autotune. Without this every new D and dtype would autotune on a GPU.
+os.environ.setdefault("SSLFAST_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -421,3 +421,19 @@ def test_two_sided_backward_is_both_directions(dtype, n, d, config):
     for got, want in ((dx, dq1 + dk2), (dy, dq2 + dk1)):
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item() + 1e-12)
     torch.testing.assert_close(ds, ds1 + ds2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_autotuned_path_matches_fixed_config(monkeypatch):
+    """The test suite runs a fixed config; the benchmarks autotune: same results."""
+    q = torch.nn.functional.normalize(torch.randn(300, 96, device="cuda"), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(500, 96, device="cuda"), dim=1)
+    scale = torch.tensor(5.0, device="cuda")
+    g = torch.rand(300, device="cuda")
+    fixed = dot_lse_forward(q, k, scale), dot_lse_backward(q, k, scale, dot_lse_forward(q, k, scale), g)
+    monkeypatch.setenv("SSLFAST_TRITON_AUTOTUNE", "1")
+    lse = dot_lse_forward(q, k, scale)
+    tuned = lse, dot_lse_backward(q, k, scale, lse, g)
+    torch.testing.assert_close(tuned[0], fixed[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(tuned[1], fixed[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
