@@ -94,3 +94,18 @@ def test_harness_records_and_report(bench_modules, tmp_path, monkeypatch):
     report.update_readme(text, str(readme))
     new = readme.read_text()
     assert "old" not in new and "2.00x" in new and new.endswith("end\n")
+
+
+def test_benchmarks_run_quick(tmp_path):
+    """Every benchmark runs end to end (--quick, nothing written) and prints its table."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--no-write",
+         "--device", "cpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for op in ("ema", "contrastive"):
+        assert f"==== {op} ====" in out.stdout
+    assert out.stdout.count("sslfast ") >= 5, out.stdout[-3000:]
