@@ -144,8 +144,12 @@ def test_cpu_memory_is_blocked():
         mean.backward()
         return mean
 
+    step()  # first use: the BLAS library's own buffers, the OpenMP pool
+    z.grad = None
     _, peak = peak_memory(step, "cpu")
     if peak is None:
         pytest.skip("the OS cannot reset the RSS peak")
-    assert peak < 128 << 20, f"peak {peak / 2**20:.0f} MiB"
+    # Resident-set growth, so it includes allocator slack: far below the 1 GiB of
+    # dense logits is the claim (inputs and gradients alone are 8 MiB each).
+    assert peak < 256 << 20, f"peak {peak / 2**20:.0f} MiB"
     assert torch.isfinite(z.grad).all()
