@@ -28,7 +28,7 @@ $(VENV)/.test-deps: $(VENV)/.ready
 	touch $@
 
 $(VENV)/.bench-deps: $(VENV)/.test-deps
-	$(PIP) install -q timm lightly kornia
+	$(PIP) install -q kornia
 	touch $@
 
 # Rebuilt only when a C++/CUDA source or the build script changes.

@@ -5,12 +5,13 @@ without ever holding the R x C matrix.
 
 Backends: ``triton`` (``sslfast/kernels/dot_lse.py``; CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``), ``cpu`` (blocks of rows against all
-columns with the CPU's matmul, recomputed in the backward; each block holds at
-most ``_CPU_BLOCK_ELEMS`` logits), ``reference`` (dense).
+columns with the CPU's matmul, the gradients of the mean computed in the same
+pass; each block holds at most ``_CPU_BLOCK_ELEMS`` logits), ``reference`` (dense).
 
-Registered as the custom ops ``sslfast::dot_lse_forward`` /
-``sslfast::dot_lse_backward`` with fake implementations and autograd, so the
-losses built on them trace under ``torch.compile``.
+Registered as the custom ops ``sslfast::dot_lse_mean`` (one row set against one
+column set), ``sslfast::dot_lse_pair_mean`` (CLIP's two directions over one
+logit matrix) and ``sslfast::dot_lse_backward``, with fake implementations and
+autograd, so the losses built on them trace under ``torch.compile``.
 """
 
 from typing import Optional, Tuple
