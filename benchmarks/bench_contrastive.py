@@ -97,11 +97,7 @@ def _providers(kind, rows, d, k, dtype, device):
 
 
 def run(device, quick=False, write=True):
-    env = harness.environment(device)
-    print(f"contrastive benchmark on {env['device']} (torch {env['torch']})")
-    ceil = harness.ceilings(device, quick)
-    peak_key = "matmul_bfloat16_tflops" if device.type == "cuda" else "matmul_float32_tflops"
-    print(f"  matmul ceiling {ceil[peak_key]:.1f} TFLOP/s ({peak_key})")
+    env, ceil, peak_key = harness.matmul_bench_start(device, quick, "contrastive")
     cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     records = []
@@ -113,41 +109,21 @@ def run(device, quick=False, write=True):
                 for name in [p for p in provs if p != "sslfast"]:
                     print(f"  {kind} N={rows}: {name} skipped ({n_logits} dense logits)")
                     del provs[name]
-            measured = {}
-            for name, fn in list(provs.items()):
-                try:  # one trial run: a provider that does not fit is recorded as such
-                    fn()
-                except torch.cuda.OutOfMemoryError:
-                    measured[name] = {"oom": True}
-                    del provs[name]
-                    torch.cuda.empty_cache()
+            measured = harness.trial_runs(provs)
             measured.update(harness.measure_all(provs, device, quick, min_runs=3))
             size = f"2N={2 * rows}" if kind == "ntxent" else f"N={rows}"
             shape = f"{kind}: {size} D={d}" + (f" K={k}" if k else "")
-            rows_out = []
-            for name, m in measured.items():
-                r = {**env, "op": "contrastive", "provider": name, "model": kind, "shape": shape,
-                     "dtype": str(dtype)[6:], "rows": rows, "dim": d, "queue": k, "flops": flops,
-                     "quick": quick, "ceilings": ceil, "ceiling_tflops": ceil[peak_key], **m}
-                if not m.get("oom"):
-                    r["tflops"] = flops / m["median_ms"] / 1e9
-                    r["pct_of_peak"] = 100 * r["tflops"] / ceil[peak_key]
-                rows_out.append(r)
-            harness.add_speedups(rows_out)
-            print(f"\n  {shape}, {dtype}")
-            harness.print_table(rows_out, ["provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes",
-                                           "tflops", "pct_of_peak", "speedup_vs_reference",
-                                           "speedup_vs_best_other", "mem_vs_reference", "oom"])
+            fields = {"op": "contrastive", "model": kind, "shape": shape, "dtype": str(dtype)[6:],
+                      "rows": rows, "dim": d, "queue": k, "quick": quick}
+            rows_out = harness.tflops_case(env, measured, fields, flops, ceil, peak_key,
+                                           f"{shape}, {dtype}")
             records += rows_out
             del provs
-    if write:
-        print("  results appended to", harness.write_records("contrastive", records))
-    return records
+    return harness.finish("contrastive", records, write)
 
 
 def main(argv=None):
-    a = harness.parser(__doc__).parse_args(argv)
-    run(torch.device(a.device), a.quick, not a.no_write)
+    harness.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

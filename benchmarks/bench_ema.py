@@ -119,9 +119,7 @@ def run(device, quick=False, write=True, models=None):
                                        "speedup_vs_reference", "speedup_vs_best_other"])
             records += rows
             del provs
-    if write:
-        print("  results appended to", harness.write_records("ema", records))
-    return records
+    return harness.finish("ema", records, write)
 
 
 def main(argv=None):

@@ -162,7 +162,7 @@ def ceilings(device, quick=False):
 def add_speedups(rows, reference="reference"):
     """speedup_vs_reference / speedup_vs_best_other (non-sslfast providers) and
     mem_vs_reference on every row that ran; rows that ran out of memory are skipped."""
-    ok = [r for r in rows if not r.get("oom")]
+    ok = [r for r in rows if "median_ms" in r]
     ref = next((r for r in ok if r["provider"] == reference), None)
     others = [r["median_ms"] for r in ok if not r["provider"].startswith("sslfast")]
     for r in ok:
@@ -181,6 +181,19 @@ def parser(doc):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true", help="do not append to benchmarks/results")
     return p
+
+
+def finish(op, records, write):
+    """Appends the run's records to benchmarks/results/<op>.jsonl (if write); returns them."""
+    if write:
+        print("  results appended to", write_records(op, records))
+    return records
+
+
+def cli(run, doc, argv=None):
+    """A bench_<op>.py's command line: run(device, quick, write)."""
+    a = parser(doc).parse_args(argv)
+    run(torch.device(a.device), a.quick, not a.no_write)
 
 
 def write_records(op, records):
@@ -208,3 +221,56 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def matmul_bench_start(device, quick, title):
+    """(environment, ceilings, key of the matmul peak) for a matmul-bound
+    benchmark: bf16 on a GPU, fp32 on the CPU; both printed."""
+    env = environment(device)
+    print(f"{title} benchmark on {env['device']} (torch {env['torch']})")
+    ceil = ceilings(device, quick)
+    peak_key = "matmul_bfloat16_tflops" if device.type == "cuda" else "matmul_float32_tflops"
+    print(f"  matmul ceiling {ceil[peak_key]:.1f} TFLOP/s ({peak_key})")
+    return env, ceil, peak_key
+
+
+def trial_runs(fns):
+    """One call of each provider first: one that runs out of GPU memory or fails
+    is recorded ({"oom": True} / {"error": ...}) and removed from ``fns``."""
+    failed = {}
+    for name, fn in list(fns.items()):
+        try:
+            fn()
+        except torch.cuda.OutOfMemoryError:
+            failed[name] = {"oom": True}
+            del fns[name]
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:
+            print(f"  {name} failed: {exc}")
+            failed[name] = {"error": str(exc)[:200]}
+            del fns[name]
+    return failed
+
+
+TFLOPS_COLUMNS = ["provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes", "tflops",
+                  "pct_of_peak", "speedup_vs_reference", "speedup_vs_best_other",
+                  "mem_vs_reference", "oom"]
+
+
+def tflops_case(env, measured, fields, flops, ceil, peak_key, title, extra_columns=()):
+    """The records of one matmul-bound case (one per provider): env, fields and
+    each provider's measurements, its TFLOP/s and % of the measured peak, and
+    the speedups; printed as a table under ``title``."""
+    rows = []
+    for name, m in measured.items():
+        r = {**env, **fields, "provider": name, "flops": flops, "ceilings": ceil,
+             "ceiling_tflops": ceil[peak_key], **m}
+        if "median_ms" in m:
+            r["tflops"] = flops / m["median_ms"] / 1e9
+            r["pct_of_peak"] = 100 * r["tflops"] / ceil[peak_key]
+        rows.append(r)
+    add_speedups(rows)
+    print(f"\n  {title}")
+    cols = TFLOPS_COLUMNS[:7] + list(extra_columns) + TFLOPS_COLUMNS[7:]
+    print_table(rows, cols)
+    return rows

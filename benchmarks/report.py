@@ -57,9 +57,8 @@ def table(rs):
         row = {r["provider"]: r for r in rs if case_of(r) == case and r["dtype"] == dtype}
         ours = row.get("sslfast")
         cells = [case, dtype.replace("<", "&lt;")]
-        cells += [("OOM" if row[p].get("oom") else _ms(row[p]["median_ms"])) if p in row else "-"
-                  for p in providers]
-        if ours and not ours.get("oom"):
+        cells += [_cell(row[p]) if p in row else "-" for p in providers]
+        if ours and "median_ms" in ours:
             fig = ours[key]
             cells += [f"{fig:.0f}" if fig >= 10 else f"{fig:.2g}", f"{ours['pct_of_peak']:.0f}%",
                       _x(ours.get("speedup_vs_reference")), _x(ours.get("speedup_vs_best_other"))]
@@ -67,6 +66,12 @@ def table(rs):
             cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(r):
+    if r.get("oom"):
+        return "OOM"
+    return _ms(r["median_ms"]) if "median_ms" in r else "failed"
 
 
 def _x(v):

@@ -6,6 +6,9 @@ TORCH_LIBRARY(sslfast, m) {
   // targets <- decay * targets + (1 - decay) * sources, in place. decay_tensor,
   // when given (0-dim, CPU or on the targets' device), overrides decay.
   m.def("ema_(Tensor(a!)[] targets, Tensor[] sources, Tensor? decay_tensor, float decay) -> ()");
+  // Writes keys (N, dim) into the ring buffer queue (size, dim) at the device-side
+  // pointer ptr (int64, one element), wrapping around, and advances ptr.
+  m.def("enqueue_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys, bool normalize=False) -> ()");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -4,6 +4,7 @@ from sslfast import functional
 from sslfast._extension import has_cpu_kernels, has_cuda_kernels
 from sslfast.losses import CLIPLoss, InfoNCELoss, NTXentLoss
 from sslfast.modules.ema import ModelEMA, update_momentum
+from sslfast.modules.memory_bank import MemoryBank, MemoryBankModule
 from sslfast.schedules import cosine_schedule
 
 __version__ = "0.1.0"
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIPLoss",
     "InfoNCELoss",
+    "MemoryBank",
+    "MemoryBankModule",
     "ModelEMA",
     "NTXentLoss",
     "cosine_schedule",

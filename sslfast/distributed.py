@@ -1,4 +1,5 @@
-"""torch.distributed helpers: rank, world size, and a gather that carries gradient.
+"""torch.distributed helpers: rank, world size, a gather that carries gradient,
+and the batch shuffle of MoCo's shuffle-BN.
 
 With one process (or torch.distributed not initialized) every helper is the
 identity, so single-GPU and CPU code need no special case.
@@ -56,3 +57,48 @@ def gather_no_grad(x):
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def _check_batch(batch, name):
+    if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
+        raise ValueError(f"{name} must be a tensor with a batch dimension, got "
+                         f"{getattr(batch, 'shape', type(batch).__name__)}")
+
+
+@torch.no_grad()
+def batch_shuffle(batch, distributed=False, generator=None):
+    """(shuffled batch, index) for MoCo's shuffle-BN (lightly's ``batch_shuffle``).
+
+    One process: ``batch[perm]`` and ``perm``; ``batch_unshuffle`` inverts it.
+    ``distributed=True`` (under torch.distributed, equal batch sizes): the
+    batches of all ranks are gathered, permuted by one permutation drawn on
+    rank 0 and broadcast, and each rank keeps its share; the index returned is
+    the one that restores the gathered order (what ``batch_unshuffle`` takes).
+    """
+    _check_batch(batch, "batch")
+    if distributed and world_size() > 1:
+        gathered = gather_no_grad(batch)
+        perm = torch.randperm(gathered.shape[0], device=batch.device, generator=generator)
+        dist.broadcast(perm, src=0)
+        mine = perm.view(world_size(), -1)[rank()]
+        return gathered[mine], torch.argsort(perm)
+    perm = torch.randperm(batch.shape[0], device=batch.device, generator=generator)
+    return batch[perm], perm
+
+
+@torch.no_grad()
+def batch_unshuffle(batch, shuffle, distributed=False):
+    """Undoes ``batch_shuffle`` (lightly's ``batch_unshuffle``): the rows back in
+    their original order, on their original rank."""
+    _check_batch(batch, "batch")
+    if not isinstance(shuffle, torch.Tensor) or shuffle.dim() != 1:
+        raise ValueError("shuffle must be the 1-D index returned by batch_shuffle")
+    if distributed and world_size() > 1:
+        if shuffle.shape[0] != batch.shape[0] * world_size():
+            raise ValueError(f"shuffle indexes {shuffle.shape[0]} rows but {world_size()} ranks of "
+                             f"{batch.shape[0]} rows were expected")
+        gathered = gather_no_grad(batch)
+        return gathered[shuffle.view(world_size(), -1)[rank()]]
+    if shuffle.shape[0] != batch.shape[0]:
+        raise ValueError(f"shuffle indexes {shuffle.shape[0]} rows but batch has {batch.shape[0]}")
+    return batch[torch.argsort(shuffle)]

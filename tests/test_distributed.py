@@ -3,15 +3,12 @@ on the concatenated batch (loss: the mean of the ranks' losses; gradients: the
 gather's backward sums over ranks, so each rank holds W x the global gradient
 of its own rows, which DDP's averaging turns back into the global one)."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sslfast import distributed
 from sslfast.functional import clip_loss, info_nce_loss, ntxent_loss
+from tests.utils import spawn_gloo
 
 N, D = 5, 12  # rows per rank
 
@@ -29,29 +26,23 @@ def _losses(a, b, gather):
     }
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        assert distributed.rank() == rank and distributed.world_size() == world
-        a_all, b_all = _global_inputs(world)
-        results = {}
-        for name, fn in _losses(None, None, True).items():
-            a = a_all[rank * N:(rank + 1) * N].clone().requires_grad_()
-            b = b_all[rank * N:(rank + 1) * N].clone().requires_grad_()
-            loss = fn(a, b)
-            ga, gb = torch.autograd.grad(loss, [a, b])
-            results[name] = (loss.detach(), ga, gb)
-        gathered = distributed.gather_no_grad(torch.full((2,), float(rank)))
-        results["gather_no_grad"] = gathered
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    assert distributed.rank() == rank and distributed.world_size() == world
+    a_all, b_all = _global_inputs(world)
+    results = {}
+    for name, fn in _losses(None, None, True).items():
+        a = a_all[rank * N:(rank + 1) * N].clone().requires_grad_()
+        b = b_all[rank * N:(rank + 1) * N].clone().requires_grad_()
+        loss = fn(a, b)
+        ga, gb = torch.autograd.grad(loss, [a, b])
+        results[name] = (loss.detach(), ga, gb)
+    results["gather_no_grad"] = distributed.gather_no_grad(torch.full((2,), float(rank)))
+    return results
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gather_distributed_equals_one_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    per_rank = spawn_gloo(_worker, world, tmp_path)
     a_all, b_all = _global_inputs(world)
     for name, fn in _losses(None, None, False).items():
         a, b = a_all.clone().requires_grad_(), b_all.clone().requires_grad_()

@@ -242,6 +242,49 @@ def test_configs_agree(dtype):
             assert_rel(y, x, tol, x.abs().max(), what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("R, C, D, exclude_offset, extra", [
+    (5, 300, 24, None, True),   # a MoCo queue: few rows, many columns
+    (9, 260, 40, 3, False),     # exclusion in one split; D walked in chunks (SMALL_CONFIG)
+    (4, 130, 16, None, True),   # the last split shorter than the others
+])
+def test_column_splits_agree(dtype, R, C, D, exclude_offset, extra):
+    """Cutting the columns into splits (grid axis 1, partial max/sum and partial dq
+    combined afterwards) changes nothing beyond rounding, and matches the reference."""
+    q, k, ex, g = make_inputs(R, C, D, dtype, DEVICE, extra=extra)
+    scale = torch.tensor(14.0, device=DEVICE)
+    outs = []
+    for n in (1, 2, 3):
+        lse = dot_lse_forward(q, k, scale, exclude_offset, ex, config=SMALL_CONFIG, splits=n)
+        outs.append((lse, *dot_lse_backward(q, k, scale, lse, g, exclude_offset,
+                                            config=SMALL_CONFIG, splits=n)))
+    (r_lse, r_dq, r_dk, r_ds), mags = reference(q, k, scale, exclude_offset, ex, g)
+    lse_rtol, g_rtol = TOL[dtype]
+    for lse, dq, dk, ds in outs:
+        assert_rel(lse, r_lse, lse_rtol, mags[0], "lse")
+        assert_rel(dq, r_dq, g_rtol, mags[1], "dq")
+        assert_rel(dk, r_dk, g_rtol, mags[2], "dk")
+        assert_rel(ds, r_ds, g_rtol, mags[3], "dscale")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for other in outs[1:]:
+        for x, y, what in zip(outs[0], other, ("lse", "dq", "dk", "dscale")):
+            assert_rel(y, x, tol, x.abs().max(), what)
+
+
+def test_column_splits_two_sided():
+    """The two-sided (NT-Xent, CLIP) dq pass split over columns equals the unsplit one."""
+    z = torch.nn.functional.normalize(torch.randn(40, 16), dim=1)
+    g = torch.randn(40)
+    scale = torch.tensor(5.0)
+    lse = dot_lse_forward(z, z, scale, 0, config=SMALL_CONFIG)
+    base = dot_lse_backward(z, z, scale, lse, g, 0, symmetric=True, config=SMALL_CONFIG)
+    split = dot_lse_backward(z, z, scale, lse, g, 0, symmetric=True, config=SMALL_CONFIG, splits=3)
+    for x, y in ((base[0], split[0]), (base[2], split[2])):
+        assert_rel(y, x, 1e-5, x.abs().max(), "two-sided split")
+    with pytest.raises(ValueError, match="splits must be None or a positive int"):
+        dot_lse_forward(z, z, scale, splits=0)
+
+
 @pytest.mark.parametrize("g_mag", [1e-7, 1e5])
 def test_fp16_grad_range(g_mag):
     # dk's fp16 operand is g * p: tiny g would flush to zero, large g overflow, unless g

@@ -1,10 +1,6 @@
 """The EMA op (sslfast.functional.ema_) and its users ModelEMA / update_momentum."""
 
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,7 +9,13 @@ from torch import nn
 import sslfast
 from sslfast.functional import ema_
 from sslfast.reference import ema_reference
-from tests.utils import DEVICES, assert_parity, random_tensor
+from tests.utils import (
+    DEVICES,
+    assert_no_host_sync,
+    assert_parity,
+    random_tensor,
+    run_without_extension,
+)
 
 PAIRS = [
     (torch.float32, torch.float32),
@@ -243,7 +245,7 @@ def test_torch_compile_fullgraph(device):
 
 def test_fallback_without_extension():
     """The package imports and works without the compiled extension, warning once."""
-    code = textwrap.dedent(
+    run_without_extension(
         """
         import warnings
         import torch
@@ -265,25 +267,13 @@ def test_fallback_without_extension():
         print("ok")
         """
     )
-    env = dict(os.environ, SSLFAST_NO_EXTENSION="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
-    )
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
 @pytest.mark.cuda
 def test_cuda_no_host_sync_with_device_decay():
     targets, sources = _lists([(100_000,), (33,)], (torch.float32, torch.bfloat16), "cuda")
     decay = torch.tensor(0.9, device="cuda")
-    ema_(targets, sources, decay)  # warm up allocator and loading
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        ema_(targets, sources, decay)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(lambda: ema_(targets, sources, decay))
 
 
 @pytest.mark.cuda

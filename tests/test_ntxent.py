@@ -145,8 +145,8 @@ def test_bad_input():
         ntxent_loss(bad, x)
     with pytest.raises(ValueError, match="Illegal temperature"):
         sslfast.NTXentLoss(temperature=0.0)
-    with pytest.raises(NotImplementedError, match="memory_bank_size"):
-        sslfast.NTXentLoss(memory_bank_size=4096)
+    with pytest.raises(ValueError, match="illegal memory bank size"):
+        sslfast.NTXentLoss(memory_bank_size=(4096, 128, 1))
     with pytest.raises(ValueError, match="backend must be one of"):
         ntxent_loss(x, x, backend="fast")
 

@@ -1,4 +1,7 @@
-"""Shared test helpers: tolerances by dtype, parity assertions, device params."""
+"""Shared test helpers: tolerances by dtype, parity assertions, device params,
+subprocess and multi-process runners."""
+
+import os
 
 import pytest
 import torch
@@ -41,3 +44,51 @@ def random_tensor(shape, dtype, device, layout="contiguous"):
     if layout == "channels_last":
         return random_tensor(shape, dtype, device).contiguous(memory_format=torch.channels_last)
     raise ValueError(layout)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_without_extension(code):
+    """Runs a Python snippet in a fresh process with SSLFAST_NO_EXTENSION=1 (the
+    package on its PyTorch fallbacks) and asserts it printed "ok"."""
+    import subprocess
+    import sys
+    import textwrap
+
+    env = dict(os.environ, SSLFAST_NO_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def spawn_gloo(worker, world, tmp_path):
+    """Runs worker(rank, world, out_dir) in `world` processes that share a gloo
+    process group (CPU); returns what each rank saved to out_dir/rank{r}.pt."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_entry, args=(worker, world, str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _gloo_entry(rank, worker, world, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'init')}",
+                            rank=rank, world_size=world)
+    try:
+        result = worker(rank, world)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_no_host_sync(fn):
+    """fn, once warmed up, runs under torch's sync debug mode "error" (CUDA)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

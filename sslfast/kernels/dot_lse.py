@@ -18,6 +18,8 @@ import triton.language as tl
 __all__ = ["dot_lse_forward", "dot_lse_backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Full-precision fp32 dot: `input_precision="ieee"` on Triton >= 3.0 builds that have it,
@@ -74,14 +76,22 @@ def _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
 
 @triton.jit
 def _dot_lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, extra_ptr, lse_ptr,
-    R, C, stride_q, stride_k, exclude_offset,
+    q_ptr, k_ptr, scale_ptr, extra_ptr, lse_ptr, part_m_ptr, part_l_ptr,
+    R, C, stride_q, stride_k, exclude_offset, cols_per_split,
     D, HAS_EXCLUDE: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
+    """One program per (row tile, column split). SPLIT: the columns are cut into
+    splits of cols_per_split (grid axis 1) so that few rows still fill the GPU; each
+    program stores its running max (log2 units) and sum in part_m / part_l (splits, R)
+    and the launcher combines them (and the extra logit). Else it stores lse itself."""
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c_begin = pid_s * cols_per_split
+    c_end = tl.minimum(C, c_begin + cols_per_split)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     offs_d = tl.arange(0, BLOCK_D)
@@ -96,9 +106,9 @@ def _dot_lse_fwd_kernel(
         q_res = tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty)  # unused
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
+        col_ok = cols < c_end
         k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
         if SINGLE_D:
             k_res = tl.load(k_cols_ptr + offs_d[None, :],
@@ -119,6 +129,10 @@ def _dot_lse_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
+    if SPLIT:
+        tl.store(part_m_ptr + pid_s * R + rows, m_i, mask=row_ok)
+        tl.store(part_l_ptr + pid_s * R + rows, l_i, mask=row_ok)
+        return
     if HAS_EXTRA:
         e = tl.load(extra_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E
         m_new = tl.maximum(m_i, e)
@@ -134,12 +148,14 @@ def _dot_lse_fwd_kernel(
 def _dot_lse_bwd_dq_kernel(
     q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, g_norm_ptr, col_lse_ptr, col_g_ptr,
     dq_ptr, dscale_part_ptr,
-    R, C, stride_q, stride_k, stride_dq, exclude_offset,
+    R, C, stride_q, stride_k, stride_dq, exclude_offset, cols_per_split, split_stride_dq,
     D, HAS_EXCLUDE: tl.constexpr, IEEE: tl.constexpr, STORE_DQ: tl.constexpr,
     TWO_SIDED: tl.constexpr, DS_BOTH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
-    """One program per row tile: dq rows (if STORE_DQ) and per-row dscale partials.
+    """One program per (row tile, column split): the split's share of the dq rows (if
+    STORE_DQ; split s writes dq + s * split_stride_dq) and of the per-row dscale
+    partials (dscale_part + s * R); the launcher sums the splits.
 
     TWO_SIDED: the columns have a log-sum-exp of their own over the same tile
     (col_lse, with upstream gradient col_g), so with P'_ij = exp(s q_i.k_j - col_lse_j)
@@ -150,6 +166,11 @@ def _dot_lse_bwd_dq_kernel(
     partials include the column term (CLIP); else only the rows' (NT-Xent)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c_begin = pid_s * cols_per_split
+    c_end = tl.minimum(C, c_begin + cols_per_split)
+    dq_ptr += pid_s.to(tl.int64) * split_stride_dq
+    dscale_part_ptr += pid_s * R
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     offs_d = tl.arange(0, BLOCK_D)
@@ -183,9 +204,9 @@ def _dot_lse_bwd_dq_kernel(
                          mask=row_ok[:, None] & (dd[None, :] < D))
             tl.debug_barrier()
     ds_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
+        col_ok = cols < c_end
         k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
         if SINGLE_D:
             k_res = tl.load(k_cols_ptr + offs_d[None, :],
@@ -352,22 +373,52 @@ _bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ", "TWO
 _bwd_dk_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_bwd_dk_kernel))
 
 
-def _launch(kernel, tuned, config, grid_dim, n, D, *args):
-    """Launch with the given config dict, the interpreter config, or the autotuner.
-    args: every kernel argument up to (not including) BLOCK_R, positionally."""
+def _launch(kernel, tuned, config, grid_dim, n, D, *args, splits=1):
+    """Launch with the given config dict, the interpreter config, or the autotuner,
+    over a (tiles of n, splits) grid. args: every kernel argument up to (not
+    including) BLOCK_R, positionally."""
     if config is None and _INTERPRET:
         config = _INTERPRET_CONFIG
     if config is None and os.environ.get("SSLFAST_TRITON_AUTOTUNE", "1") == "0":
         config = _FIXED_GPU_CONFIG
     if config is None:
-        tuned[lambda meta: (triton.cdiv(n, meta[grid_dim]),)](*args)
+        tuned[lambda meta: (triton.cdiv(n, meta[grid_dim]), splits)](*args)
         return
     config = _check_config(config)
     blocks = {k: config[k] for k in ("BLOCK_R", "BLOCK_C", "BLOCK_D")}
-    kernel[(triton.cdiv(n, blocks[grid_dim]),)](
+    kernel[(triton.cdiv(n, blocks[grid_dim]), splits)](
         *args, **blocks, SINGLE_D=D <= blocks["BLOCK_D"],
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
     )
+
+
+# Column splits: the tiles of rows alone must give every SM about two programs, or the
+# columns are cut (as flash-decoding does). A split keeps at least _MIN_SPLIT_COLS
+# columns, so that its partial results stay small next to the work.
+_NOMINAL_BLOCK_R = 64
+_MIN_SPLIT_COLS = 1024
+_MAX_SPLITS = 32
+
+
+def _auto_splits(R, C, device):
+    if device.type != "cuda":
+        return 1  # the interpreter: tests pass splits explicitly
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(R, _NOMINAL_BLOCK_R)
+    if tiles >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), C // _MIN_SPLIT_COLS, _MAX_SPLITS))
+
+
+def _split_plan(R, C, splits, device):
+    """(splits, columns per split): columns per split a multiple of 128 (every
+    BLOCK_C divides it), no split empty."""
+    if splits is None:
+        splits = _auto_splits(R, C, device)
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be None or a positive int, got {splits!r}")
+    per = triton.cdiv(triton.cdiv(max(C, 1), splits), 128) * 128
+    return triton.cdiv(max(C, 1), per), per
 
 
 def _check_config(config):
@@ -439,13 +490,14 @@ def _offset(exclude_offset, n_rows, n_cols):
     return True, exclude_offset
 
 
-def dot_lse_forward(q, k, scale, exclude_offset=None, extra=None, *, config=None):
+def dot_lse_forward(q, k, scale, exclude_offset=None, extra=None, *, config=None, splits=None):
     """lse (R,) float32: lse_i = logsumexp({scale * q_i.k_j : j != i + exclude_offset} U {extra_i}).
 
     q (R, D), k (C, D) in float32/bfloat16/float16; scale a 0-dim float32 tensor (read on
     device, may be negative); extra None or (R,) float32. A row with an empty set gets -inf.
     config: None (autotune on GPU, a fixed small config under the interpreter) or a dict
-    {"BLOCK_R", "BLOCK_C", "BLOCK_D", "num_warps", "num_stages"}.
+    {"BLOCK_R", "BLOCK_C", "BLOCK_D", "num_warps", "num_stages"}. splits: None (cut the
+    columns when the row tiles alone cannot fill the GPU) or the number of column splits.
     """
     q, k = _check_qk(q, k)
     R, D = q.shape
@@ -457,17 +509,39 @@ def dot_lse_forward(q, k, scale, exclude_offset=None, extra=None, *, config=None
     lse = torch.empty(R, dtype=torch.float32, device=q.device)
     if R == 0:
         return lse
+    n_splits, per = _split_plan(R, C, splits, q.device)
+    part_m = part_l = lse  # unused without splits
+    if n_splits > 1:
+        part_m = torch.empty((n_splits, R), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((n_splits, R), dtype=torch.float32, device=q.device)
     _launch(
         _dot_lse_fwd_kernel, _fwd_tuned, config, "BLOCK_R", R, D,
-        q, k, scale_t, extra if extra is not None else lse, lse,
-        R, C, q.stride(0), k.stride(0), off,
-        D, has_excl, extra is not None, q.dtype == torch.float32,  # HAS_EXTRA, IEEE
+        q, k, scale_t, extra if extra is not None else lse, lse, part_m, part_l,
+        R, C, q.stride(0), k.stride(0), off, per,
+        # HAS_EXCLUDE, HAS_EXTRA, IEEE, SPLIT
+        D, has_excl, extra is not None, q.dtype == torch.float32, n_splits > 1,
+        splits=n_splits,
     )
+    if n_splits > 1:
+        lse = _combine_splits(part_m, part_l, extra)
     return lse
 
 
+def _combine_splits(part_m, part_l, extra):
+    """lse from the splits' running (max in log2 units, sum) and the extra logit."""
+    m = part_m.amax(dim=0)
+    if extra is not None:
+        extra2 = extra * _LOG2E
+        m = torch.maximum(m, extra2)
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    total = (part_l * torch.exp2(part_m - m_safe)).sum(dim=0)
+    if extra is not None:
+        total = total + torch.exp2(extra2 - m_safe)
+    return (m_safe + torch.log2(total)) * _LN2
+
+
 def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=True, need_dk=True,
-                     *, symmetric=False, col_lse=None, col_grad=None, config=None):
+                     *, symmetric=False, col_lse=None, col_grad=None, config=None, splits=None):
     """(dq, dk, dscale) for lse = dot_lse_forward(q, k, scale, exclude_offset, extra).
 
     With P_ij = exp(scale * q_i.k_j - lse_i) on row i's included set and g = grad_lse:
@@ -483,6 +557,8 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
     (CLIP's other direction, lse of k against q) and its upstream gradient. Then dq
     includes that direction's gradient for the rows, dscale both directions', and dk is
     None: call again with the roles swapped for k's gradient (ignoring its dscale).
+
+    splits: as in dot_lse_forward, for the dq pass (each split's partial dq is summed).
     """
     two_sided = symmetric or col_lse is not None
     if symmetric:
@@ -510,13 +586,14 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
     elif symmetric:
         col_lse, col_g = lse, g
 
-    dq = torch.empty((R, D), dtype=torch.float32, device=dev) if need_dq else None
+    n_splits, per = _split_plan(R, C, splits, dev)
+    dq = torch.empty((n_splits, R, D), dtype=torch.float32, device=dev) if need_dq else None
     dk = torch.empty((C, D), dtype=torch.float32, device=dev) if need_dk else None
-    dscale_part = torch.empty(R, dtype=torch.float32, device=dev)
+    dscale_part = torch.empty((n_splits, R), dtype=torch.float32, device=dev)
     if R == 0 or C == 0:  # no included pairs: all gradients are zero
-        for t in (dq, dk):
-            if t is not None:
-                t.zero_()
+        dq = dq[0].zero_() if need_dq else None
+        if dk is not None:
+            dk.zero_()
         return dq, dk, torch.zeros((), dtype=torch.float32, device=dev)
 
     if two_sided:  # max|g| on device (no host sync), floored so that 1/max stays finite
@@ -526,10 +603,13 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
     _launch(
         _dot_lse_bwd_dq_kernel, _bwd_dq_tuned, config, "BLOCK_R", R, D,
         q, k, scale_t, lse, g, g_norm, col_lse, col_g, dq if need_dq else dscale_part, dscale_part,
-        R, C, q.stride(0), k.stride(0), D if need_dq else 0, off,
+        R, C, q.stride(0), k.stride(0), D if need_dq else 0, off, per, R * D if need_dq else 0,
         # HAS_EXCLUDE, IEEE, STORE_DQ, TWO_SIDED, DS_BOTH
         D, has_excl, ieee, bool(need_dq), two_sided, two_sided and not symmetric,
+        splits=n_splits,
     )
+    if need_dq:
+        dq = dq[0] if n_splits == 1 else dq.sum(dim=0)
     if need_dk:
         norm_g = q.dtype == torch.float16
         # fp16 only: max|g| on device (no host sync); floored so that 1/max stays finite.

@@ -135,12 +135,13 @@ def dot_lse_mean(
     symmetric: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean_i lse_i, lse, dq1, dk1, ds1): the loss term, the per-row log-sum-exp
-    (float64 for float64 inputs, else float32), and on the ``cpu`` backend the
-    gradients of the mean computed eagerly for the needs flagged (0-element
+    (float64 for float64 inputs, else float32), and, when ``_eager`` says so, the
+    gradients of the mean computed in the forward for the needs flagged (0-element
     tensors otherwise; the backward then recomputes tile by tile). ``symmetric``:
     q and k are the same rows and the exclusion is None or 0 (NT-Xent on one
     process): the Triton backward then makes one pass for the whole gradient."""
     ct = _compute_dtype(q)
+    dq = dk = ds = None
     if backend == "cpu":
         lse, dq, dk, ds = _cpu_forward(q, k, scale, exclude_offset, extra, need_dq, need_dk, need_ds)
     else:
@@ -149,7 +150,11 @@ def dot_lse_mean(
         else:
             lse = dot_lse_reference(q.double(), k.double(), scale.double(), exclude_offset,
                                     None if extra is None else extra.double()).to(ct)
-        dq = dk = ds = None
+        if _eager(backend, extra, need_dk) and (need_dq or need_ds):
+            grad_lse = torch.full_like(lse, 1.0 / lse.shape[0])
+            dq, _, ds = dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset, need_dq,
+                                         False, backend)
+            dq = dq if need_dq else None
     none = lambda: q.new_empty(0, dtype=ct)  # noqa: E731
     return (
         lse.mean(),
@@ -160,10 +165,19 @@ def dot_lse_mean(
     )
 
 
+def _eager(backend, extra, need_dk):
+    """Whether the forward computes the gradients: always on the CPU backend
+    (its blocks are final once done); elsewhere against a queue (an ``extra``
+    positive and columns that need no gradient), so that the queue is not saved
+    for the backward and may be overwritten by ``enqueue_`` before it runs. The
+    work is the same either way: one forward and one dq pass."""
+    return backend == "cpu" or (extra is not None and not need_dk)
+
+
 @dot_lse_mean.register_fake
 def _(q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds, symmetric):
     ct = _compute_dtype(q)
-    eager = backend == "cpu"
+    eager = _eager(backend, extra, need_dk)
     return (
         q.new_empty((), dtype=ct),
         q.new_empty(q.shape[0], dtype=ct),
@@ -254,7 +268,17 @@ def _(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk, backend, sym
 def _setup_context(ctx, inputs, output):
     q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds, symmetric = inputs
     _, lse, dq1, dk1, ds1 = output
-    ctx.save_for_backward(q, k, scale, extra, lse, dq1, dk1, ds1)
+    want_dq, want_dk, want_ds = ctx.needs_input_grad[:3]
+    ctx.eager = (
+        _eager(backend, extra, need_dk)
+        and (not want_dq or dq1.shape == q.shape)
+        and (not want_dk or dk1.shape == k.shape)
+        and (not want_ds or ds1.dim() == 0)
+    )
+    # Eager: q and k are not needed again (k may be a queue about to be overwritten).
+    saved = (None, None) if ctx.eager else (q, k)
+    ctx.save_for_backward(*saved, scale, extra, lse, dq1, dk1, ds1)
+    ctx.dtypes = (q.dtype, k.dtype)
     ctx.exclude_offset, ctx.backend, ctx.symmetric = exclude_offset, backend, symmetric
     ctx.set_materialize_grads(False)
 
@@ -267,15 +291,18 @@ def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
         return none
     grad_mean = grad_mean.to(lse.dtype)
     eager = (
-        ctx.backend == "cpu"
-        and (not need_dq or dq1.shape == q.shape)
-        and (not need_dk or dk1.shape == k.shape)
+        ctx.eager
+        and (not need_dq or dq1.dim() == 2)
+        and (not need_dk or dk1.dim() == 2)
         and (not need_scale or ds1.dim() == 0)
     )
     if eager:  # computed in the forward for these needs
         dq = grad_mean * dq1 if need_dq else None
         dk = grad_mean * dk1 if need_dk else None
         dscale = grad_mean * ds1 if need_scale else None
+    elif q is None:
+        raise RuntimeError("sslfast: dot_lse_mean: the backward asks for gradients the forward "
+                           "was not told to compute (requires_grad changed after the call?)")
     elif ctx.symmetric and need_dq and need_dk:
         # q and k are one tensor: its whole gradient goes to q (autograd adds the two).
         grad_lse = (grad_mean / lse.shape[0]).expand(lse.shape[0])
@@ -290,9 +317,10 @@ def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
     if need_extra:
         # d mean(lse) / d extra_i = exp(extra_i - lse_i) / R
         dextra = grad_mean / lse.shape[0] * torch.exp(extra - lse)
+    q_dtype, k_dtype = ctx.dtypes
     return (
-        dq.to(q.dtype) if need_dq else None,
-        dk.to(k.dtype) if need_dk else None,
+        dq.to(q_dtype) if need_dq else None,
+        dk.to(k_dtype) if need_dk else None,
         dscale.to(scale.dtype) if need_scale else None,
         None,
         dextra,

@@ -3,6 +3,7 @@
 from sslfast.reference.clip import clip_reference
 from sslfast.reference.dot_lse import dot_lse_reference
 from sslfast.reference.ema import ema_reference
+from sslfast.reference.enqueue import enqueue_reference
 from sslfast.reference.info_nce import info_nce_reference
 from sslfast.reference.ntxent import ntxent_reference
 
@@ -10,6 +11,7 @@ __all__ = [
     "clip_reference",
     "dot_lse_reference",
     "ema_reference",
+    "enqueue_reference",
     "info_nce_reference",
     "ntxent_reference",
 ]
