@@ -24,7 +24,7 @@ venv: $(VENV)/.ready
 
 # Test extras and the libraries the parity tests compare against.
 $(VENV)/.test-deps: $(VENV)/.ready
-	$(PIP) install -q pytest pytest-benchmark hypothesis timm lightly
+	$(PIP) install -q pytest pytest-benchmark hypothesis timm lightly matplotlib
 	touch $@
 
 $(VENV)/.bench-deps: $(VENV)/.test-deps
@@ -48,11 +48,11 @@ test-cuda: $(VENV)/.test-deps build
 	$(PY) -m pytest tests -q -m cuda
 
 bench: $(VENV)/.bench-deps build
-	$(PY) benchmarks/run.py $(BENCH_ARGS)
-	$(PY) benchmarks/report.py
+	$(PY) -m sslfast.bench --check $(BENCH_ARGS)
+	$(PY) -m sslfast.bench.report
 
-report: $(VENV)/.ready
-	$(PY) benchmarks/report.py
+report: $(VENV)/.test-deps
+	$(PY) -m sslfast.bench.report
 
 clean:
 	rm -rf build sslfast/_C*.so *.egg-info $(VENV)/.built

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU (and torch, pytest, timm installed): build the
-# extension in place, run the GPU tests, run the benchmark of every op, and
-# leave logs and result files in one folder.
+# extension in place, run the GPU tests, check every op against its reference and
+# run the benchmark of every op (sslfast-bench --check), and leave logs, result
+# files and the rendered report in one folder.
 #
 #     bash benchmarks/gpu_run.sh OUTDIR [--quick] [--ops ema,...] [--no-tests]
 #                                   (OUTDIR default: $OUT, else ./gpu_out)
@@ -41,6 +42,7 @@ if [ "$run_tests" = 1 ]; then
   python3 -m pytest tests -m cuda -q -rs 2>&1 | tee "$out/pytest_cuda.log" | tail -n 25
   echo "tests done: $(( $(date +%s) - start )) s"
 fi
-python3 benchmarks/run.py ${bench_args[@]+"${bench_args[@]}"} 2>&1 | tee "$out/bench.log" | tail -n 60
+python3 -m sslfast.bench --check ${bench_args[@]+"${bench_args[@]}"} 2>&1 | tee "$out/bench.log" | tail -n 60
 cp benchmarks/results/*.jsonl "$out/"
+python3 -m sslfast.bench.report --no-readme --out "$out/REPORT.md" > "$out/report.log" 2>&1 || true
 echo "done in $(( $(date +%s) - start )) s; files in $out"

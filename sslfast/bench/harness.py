@@ -1,8 +1,12 @@
-"""Shared benchmark machinery: timing, peak memory, device ceilings, JSON lines.
+"""Shared benchmark machinery: timing, peak memory, device ceilings, progress,
+JSON lines.
 
-Every ``bench_<op>.py`` times its providers with ``measure`` and appends one
-JSON line per (provider, case) to ``benchmarks/results/<op>.jsonl`` through
-``write_records``. Results are only ever appended; ``report.py`` renders them.
+Every op's benchmark (``sslfast/bench/<op>.py``) times its providers with
+``measure_all`` and appends one JSON line per (provider, case) to
+``<results>/<op>.jsonl`` through ``write_records``. Results are only ever
+appended; ``sslfast.bench.report`` renders them. The results folder: the
+environment variable ``SSLFAST_RESULTS``, else ``benchmarks/results`` of the
+source checkout sslfast runs from, else ``./benchmarks/results``.
 """
 
 import datetime
@@ -16,11 +20,13 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
-sys.path.insert(0, ROOT)
+from sslfast._memory import peak_memory
 
-from sslfast._memory import peak_memory  # noqa: E402
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IN_CHECKOUT = os.path.isdir(os.path.join(_CHECKOUT, "benchmarks")) and os.path.isfile(
+    os.path.join(_CHECKOUT, "setup.py"))
+ROOT = _CHECKOUT if IN_CHECKOUT else os.getcwd()
+RESULTS = os.environ.get("SSLFAST_RESULTS") or os.path.join(ROOT, "benchmarks", "results")
 
 
 def _git(*args):
@@ -173,14 +179,46 @@ def add_speedups(rows, reference="reference"):
 
 
 def parser(doc):
-    """The command line every bench_<op>.py shares: --quick, --device, --no-write."""
+    """The command line every op's benchmark shares: --quick, --device, --no-write,
+    --results."""
     import argparse
 
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small cases, short timing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-write", action="store_true", help="do not append to benchmarks/results")
+    p.add_argument("--no-write", action="store_true", help="do not append to the results")
+    p.add_argument("--results", default=None,
+                   help=f"folder of the JSON-lines results (default {RESULTS})")
     return p
+
+
+class Progress:
+    """A progress bar over the cases of a run: one line per case when stderr is
+    not a terminal, a redrawn bar when it is."""
+
+    def __init__(self, total, stream=None):
+        self.total, self.done, self.start = max(total, 1), 0, time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __call__(self, label):
+        self.done += 1
+        width = 24
+        filled = width * (self.done - 1) // self.total
+        bar = "#" * filled + "." * (width - filled)
+        elapsed = time.perf_counter() - self.start
+        line = f"[{bar}] {self.done}/{self.total} {elapsed:5.0f}s  {label}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def finish(op, records, write):
@@ -191,9 +229,17 @@ def finish(op, records, write):
 
 
 def cli(run, doc, argv=None):
-    """A bench_<op>.py's command line: run(device, quick, write)."""
+    """An op benchmark's command line: run(device, quick, write)."""
     a = parser(doc).parse_args(argv)
+    use_results(a.results)
     run(torch.device(a.device), a.quick, not a.no_write)
+
+
+def use_results(folder):
+    """Sends this process's results to ``folder`` (None: leave the default)."""
+    global RESULTS
+    if folder:
+        RESULTS = folder
 
 
 def write_records(op, records):
@@ -223,12 +269,13 @@ def _fmt(v):
     return str(v)
 
 
-def matmul_bench_start(device, quick, title):
+def matmul_bench_start(device, quick, title, ceil=None):
     """(environment, ceilings, key of the matmul peak) for a matmul-bound
-    benchmark: bf16 on a GPU, fp32 on the CPU; both printed."""
+    benchmark: bf16 on a GPU, fp32 on the CPU; both printed. ceil: ceilings
+    measured earlier in the same run, or None to measure them now."""
     env = environment(device)
     print(f"{title} benchmark on {env['device']} (torch {env['torch']})")
-    ceil = ceilings(device, quick)
+    ceil = ceil or ceilings(device, quick)
     peak_key = "matmul_bfloat16_tflops" if device.type == "cuda" else "matmul_float32_tflops"
     print(f"  matmul ceiling {ceil[peak_key]:.1f} TFLOP/s ({peak_key})")
     return env, ceil, peak_key

@@ -1,0 +1,206 @@
+"""``--check``: every op against its reference on this device, before any timing.
+
+Each check runs the op as users call it (``sslfast.functional.<op>``, looked up
+at call time) on fresh random inputs at a small and a large shape and compares
+values and gradients with the float64 reference (``sslfast.reference``) on the
+same inputs. A case passes when its error, measured against the largest
+magnitude of the expected result, is within the dtype's tolerance. An op that
+raises fails its case with the error. The benchmark of an op with a failing
+case does not run.
+"""
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from sslfast import functional
+from sslfast.reference import (
+    clip_reference,
+    ema_reference,
+    enqueue_reference,
+    info_nce_reference,
+    ntxent_reference,
+)
+
+# Error allowed, relative to the largest magnitude of the expected tensor.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def _rel_error(actual, expected):
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    if actual.shape != expected.shape:
+        return float("inf")
+    if not bool(torch.isfinite(actual).all()):
+        return float("inf")
+    scale = max(float(expected.abs().max()), 1e-12) if expected.numel() else 1.0
+    return float((actual - expected).abs().max()) / scale if expected.numel() else 0.0
+
+
+def _row(op, case, errors, tol):
+    err = max(errors) if errors else 0.0
+    return {"op": op, "case": case, "ok": err <= tol, "error": err, "tolerance": tol,
+            "detail": ""}
+
+
+def _guard(op, case, fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - any failure of the op fails its check
+        return {"op": op, "case": case, "ok": False, "error": float("inf"), "tolerance": None,
+                "detail": f"{type(exc).__name__}: {exc}"[:160]}
+
+
+# ---- the contrastive losses ------------------------------------------------------------
+
+
+def _loss_case(op, case, fn, ref, inputs, dtype):
+    """fn and ref on the same inputs (ref in float64); values and input gradients."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    leaves64 = [x.detach().double().requires_grad_() for x in inputs]
+    expected = ref(*leaves64)
+    ref_grads = torch.autograd.grad(expected, leaves64)
+    errors = [_rel_error(out, expected)] + [_rel_error(g, r) for g, r in zip(grads, ref_grads)]
+    return _row(op, case, errors, TOLERANCE[dtype])
+
+
+def _queue_loss(queue, x, y, t):
+    return functional.info_nce_loss(x, y, queue, t)
+
+
+def _queue_reference(queue, x, y, t):
+    return info_nce_reference(x, y, queue.double(), t)
+
+
+def _contrastive_specs(a, b, queue, device):
+    """(op, fn, reference, inputs) of each loss on the given features."""
+    def temp(v):
+        return torch.tensor(v, device=device)
+
+    return [
+        ("ntxent_loss", lambda x, y, t: functional.ntxent_loss(x, y, t), ntxent_reference,
+         [a, b, temp(0.3)]),
+        ("info_nce_loss (queue)", partial(_queue_loss, queue), partial(_queue_reference, queue),
+         [a, b, temp(0.2)]),
+        ("info_nce_loss (keys)", lambda x, y, t: functional.info_nce_loss(x, y, None, t),
+         lambda x, y, t: info_nce_reference(x, y, None, t), [a, b, temp(0.2)]),
+        ("clip_loss", lambda x, y, s: functional.clip_loss(x, y, s), clip_reference,
+         [a, b, temp(14.0)]),
+    ]
+
+
+def check_contrastive(device, quick=False):
+    n_large = 256 if quick else (4096 if device.type == "cuda" else 1024)
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    rows = []
+    for dtype in dtypes:
+        for n, d, k in ((7, 13, 50), (n_large, 128, 8 * n_large)):
+            case = f"N={n} D={d} {str(dtype)[6:]}"
+            a, b = (torch.randn(n, d, device=device).to(dtype) for _ in range(2))
+            queue = F.normalize(torch.randn(k, d, device=device), dim=1).to(dtype)
+            for op, fn, ref, inputs in _contrastive_specs(a, b, queue, device):
+                rows.append(_guard(op, case, partial(_loss_case, op, case, fn, ref, inputs, dtype)))
+    return rows
+
+
+# ---- EMA ----------------------------------------------------------------------------------
+
+
+def _ema_case(case, shapes, t_dtype, s_dtype, device):
+    targets = [torch.randn(sh, device=device).to(t_dtype) for sh in shapes]
+    sources = [torch.randn(sh, device=device).to(s_dtype) for sh in shapes]
+    expected = ema_reference(targets, sources, 0.9)
+    functional.ema_(targets, sources, 0.9)
+    errors = [_rel_error(t, e) for t, e in zip(targets, expected)]
+    tol = 2e-7 if t_dtype == torch.float32 else 2**-7  # one rounding into the target's dtype
+    return _row("ema_", case, errors, tol)
+
+
+def check_ema(device, quick=False):
+    large = 1 << (18 if quick else 22)
+    rows = []
+    for t_dtype, s_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                             (torch.bfloat16, torch.bfloat16)):
+        for shapes in ([(7,), (3, 5), (1,)], [(large,), (1000, 33)]):
+            n = sum(torch.Size(sh).numel() for sh in shapes)
+            case = f"{str(t_dtype)[6:]}<-{str(s_dtype)[6:]} {len(shapes)} tensors, {n} elements"
+            rows.append(_guard("ema_", case, partial(_ema_case, case, shapes, t_dtype, s_dtype,
+                                                     device)))
+    return rows
+
+
+# ---- the queue ----------------------------------------------------------------------------
+
+
+def _queue_case(case, size, dim, batches, normalize, device):
+    queue = torch.randn(size, dim, device=device)
+    ptr = torch.zeros(1, dtype=torch.int64, device=device)
+    exp_q, exp_p = queue.clone(), 0
+    errors = []
+    for n in batches:
+        keys = torch.randn(n, dim, device=device)
+        exp_q, exp_p = _fast_enqueue_reference(exp_q, exp_p, keys, normalize)
+        functional.enqueue_(queue, ptr, keys, normalize=normalize)
+        errors.append(_rel_error(queue, exp_q))
+        errors.append(0.0 if int(ptr) == exp_p else float("inf"))
+    return _row("enqueue_", case, errors, 1e-6 if normalize else 0.0)
+
+
+def check_queue(device, quick=False):
+    rows = []
+    for size, dim, batches in ((10, 3, [3, 4, 12, 0, 7]), (65536, 128, [4096, 30000, 70000])):
+        for normalize in (False, True):
+            case = f"K={size} D={dim} batches {batches}" + (" normalized" if normalize else "")
+            rows.append(_guard("enqueue_", case, partial(_queue_case, case, size, dim, batches,
+                                                         normalize, device)))
+    return rows
+
+
+def _fast_enqueue_reference(queue, ptr, keys, normalize):
+    """enqueue_reference, except that the rows of a large batch that the next
+    rows overwrite are skipped (the reference's row-by-row loop is the same
+    definition; checked against it on the small case)."""
+    size = queue.shape[0]
+    if keys.shape[0] <= 64:
+        return enqueue_reference(queue, ptr, keys, normalize)
+    n = keys.shape[0]
+    kept = keys[max(0, n - size):].double()
+    if normalize:
+        kept = F.normalize(kept, dim=1, eps=1e-12)
+    out = queue.clone()
+    slots = (torch.arange(n - kept.shape[0], n, device=queue.device) + ptr) % size
+    out[slots] = kept.to(out.dtype)
+    return out, (ptr + n) % size
+
+
+CHECKS = {"contrastive": check_contrastive, "ema": check_ema, "queue": check_queue}
+
+
+def run_checks(ops, device, quick=False, progress=None):
+    """{op: [result rows]} for the named benchmark ops."""
+    out = {}
+    for op in ops:
+        if progress:
+            progress(f"check {op}")
+        fn = CHECKS.get(op)
+        out[op] = fn(device, quick) if fn else [
+            {"op": op, "case": "-", "ok": False, "error": float("inf"), "tolerance": None,
+             "detail": "no check defined for this op"}]
+    return out
+
+
+def print_table(results):
+    """A pass/fail table of every case; returns the ops that failed."""
+    failed = []
+    print(f"{'op':24} {'case':52} {'result':6} {'error':>9} {'tolerance':>9}")
+    for op, rows in results.items():
+        for r in rows:
+            tol = "-" if r["tolerance"] is None else f"{r['tolerance']:.1e}"
+            print(f"{r['op']:24} {r['case'][:52]:52} {'pass' if r['ok'] else 'FAIL':6} "
+                  f"{r['error']:9.2e} {tol:>9} {r['detail']}")
+        if not all(r["ok"] for r in rows):
+            failed.append(op)
+    return failed

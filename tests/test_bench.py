@@ -1,0 +1,175 @@
+"""The benchmark suite itself (sslfast.bench): --check, JSON lines, reports,
+pytest-benchmark, the quick pass, providers that are not installed."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sslfast.functional
+from sslfast.bench import OPS, check, harness, report
+from sslfast.bench.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "data", "bench_results.jsonl")
+CPU = torch.device("cpu")
+
+# Fields every result line carries (plus gbps for bandwidth-bound ops, tflops for the others).
+FIELDS = ("device", "device_type", "torch", "triton", "cuda", "python", "commit", "date", "op",
+          "provider", "model", "shape", "dtype", "quick", "median_ms", "p20_ms", "p80_ms",
+          "peak_mem_bytes", "pct_of_peak", "ceilings", "speedup_vs_reference",
+          "speedup_vs_best_other")
+
+
+def test_check_passes_on_the_real_ops():
+    results = check.run_checks(["queue", "ema"], CPU, quick=True)
+    assert all(r["ok"] for rows in results.values() for r in rows)
+
+
+def test_check_fails_loudly_on_a_wrong_op(monkeypatch, capsys, tmp_path):
+    """A deliberately wrong loss fails its check; its benchmark does not run, the
+    others do, and the command exits with 1."""
+    real = sslfast.functional.ntxent_loss
+    monkeypatch.setattr(sslfast.functional, "ntxent_loss",
+                        lambda *a, **k: real(*a, **k) * 1.01)
+    code = main(["--check", "--quick", "--ops", "contrastive,queue", "--device", "cpu",
+                 "--results", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert any(line.startswith("ntxent_loss") and " FAIL " in line for line in out.splitlines())
+    assert any(line.startswith("clip_loss") and " pass " in line for line in out.splitlines())
+    assert "CHECK FAILED for contrastive" in err
+    assert "==== contrastive ====" not in out and "==== queue ====" in out
+    assert os.listdir(tmp_path) == ["queue.jsonl"]
+
+
+def test_check_reports_an_op_that_raises(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(sslfast.functional, "enqueue_", broken)
+    rows = check.run_checks(["queue"], CPU, quick=True)["queue"]
+    assert not any(r["ok"] for r in rows)
+    assert "RuntimeError: kernel exploded" in rows[0]["detail"]
+    assert check.print_table({"queue": rows}) == ["queue"]
+
+
+def test_quick_pass_on_cpu_writes_every_field_in_under_two_minutes(tmp_path):
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "sslfast.bench", "--quick", "--device", "cpu",
+                          "--results", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert elapsed < 120, f"--quick took {elapsed:.0f} s"
+    for op in OPS:
+        assert f"==== {op} ====" in out.stdout
+    total = sum(len(__import__(OPS[op], fromlist=["cases"]).cases(CPU, True)) for op in OPS)
+    assert f"] {total}/{total} " in out.stderr  # the progress bar reached the end
+    seen = set()
+    for name in sorted(os.listdir(tmp_path)):
+        with open(tmp_path / name) as f:
+            for line in f:
+                r = json.loads(line)
+                seen.add(r["op"])
+                missing = [k for k in FIELDS if k not in r]
+                assert not missing, (r["op"], r["provider"], missing)
+                assert ("gbps" in r) != ("tflops" in r)
+                assert r["quick"] is True and r["device_type"] == "cpu"
+    assert seen == set(OPS)
+    # appends, never overwrites
+    before = sum(1 for _ in open(tmp_path / "queue.jsonl"))
+    assert main(["--quick", "--ops", "queue", "--device", "cpu", "--results", str(tmp_path)]) == 0
+    assert sum(1 for _ in open(tmp_path / "queue.jsonl")) == 2 * before
+
+
+def test_report_renders_from_a_fixture(tmp_path):
+    records = report.load(os.path.dirname(FIXTURE))
+    assert len(records) == 14
+    out = tmp_path / "REPORT.md"
+    text = report.render_report(records, str(out), str(tmp_path / "plots"))
+    assert "## Fixture GPU" in text and "### contrastive" in text and "### ema" in text
+    # the newest run only in the table; both runs listed
+    assert "| ntxent: 2N=4096 D=128 | bfloat16 | sslfast | 0.5 | 0.475–0.525 |" in text
+    assert "| ntxent: 2N=65536 D=128 | bfloat16 | reference | OOM |" in text
+    assert "commit `fedcba9`" in text and "commit `0123abc`" in text
+    pngs = sorted(os.listdir(tmp_path / "plots"))
+    assert len(pngs) == 2 and all(p.endswith(".png") for p in pngs)
+    assert all(os.path.getsize(tmp_path / "plots" / p) > 10_000 for p in pngs)
+    for p in pngs:
+        assert f"(plots/{p})" in text
+    readme_table = report.render(records)
+    assert "| ntxent: 2N=65536 D=128 | bfloat16 | OOM | OOM | 50 |" in readme_table
+
+
+def test_report_command_writes_report_and_readme(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    with open(FIXTURE) as src, open(results / "contrastive.jsonl", "w") as dst:
+        dst.write(src.read())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nend\n")
+    report.main(["--results", str(results), "--out", str(tmp_path / "REPORT.md"), "--no-readme"])
+    assert (tmp_path / "REPORT.md").read_text().startswith("# sslfast benchmark report")
+    report.update_readme(report.render(report.load(str(results))), str(readme))
+    new = readme.read_text()
+    assert "old" not in new and "Fixture GPU" in new and new.endswith("end\n")
+
+
+def test_missing_provider_is_skipped_with_a_note(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lightly.loss", None)  # import fails
+    from sslfast.bench import contrastive, queue
+
+    provs = contrastive.providers(("ntxent", 16, 8, 0, torch.float32), CPU)
+    assert "lightly" not in provs and "sslfast" in provs
+    provs = queue.providers((8, 64, 8, torch.float32), CPU)
+    assert set(provs) == {"reference", "sslfast"}
+    assert capsys.readouterr().out.count("lightly not installed: skipped") == 2
+
+
+def test_harness_measures_and_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", str(tmp_path))
+    x = torch.randn(1 << 16)
+    m = harness.measure(lambda: x.mul_(1.0), CPU, quick=True)
+    assert m["p20_ms"] <= m["median_ms"] <= m["p80_ms"]
+    ceil = harness.ceilings(CPU, quick=True)
+    assert ceil["mem_gbps"] > 0 and ceil["matmul_float32_tflops"] > 0
+    sample = [{"provider": "reference", "median_ms": 4.0, "peak_mem_bytes": 100},
+              {"provider": "lightly", "median_ms": 2.0, "peak_mem_bytes": 50},
+              {"provider": "big", "oom": True},
+              {"provider": "sslfast", "median_ms": 1.0, "peak_mem_bytes": 10}]
+    harness.add_speedups(sample)
+    assert sample[3]["speedup_vs_reference"] == 4.0 and sample[3]["speedup_vs_best_other"] == 2.0
+    assert sample[3]["mem_vs_reference"] == 0.1 and "speedup_vs_reference" not in sample[2]
+    path = harness.write_records("ema", [{"a": 1}])
+    harness.write_records("ema", [{"a": 2}])
+    assert [json.loads(line)["a"] for line in open(path)] == [1, 2]
+
+
+def test_peak_memory_counts_reused_memory():
+    """The CPU figure counts what a call holds at its peak even when freed
+    memory is reused (glibc keeps it): two live 10 MB tensors -> >= 20 MB."""
+    from sslfast._memory import peak_memory
+
+    def twice():
+        a = torch.ones(1000, 2500)
+        b = a * 2
+        return float(b[0, 0])
+
+    peak_memory(twice, CPU)
+    assert peak_memory(twice, CPU)[1] >= 19e6
+
+
+def test_pytest_benchmark_runs_the_same_benchmarks():
+    pytest.importorskip("pytest_benchmark")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/test_benchmarks.py", "--benchmark-only",
+         "-q", "-k", "queue or (contrastive and ntxent)", "--benchmark-max-time=0.05",
+         "--benchmark-min-rounds=1", "--benchmark-warmup=off", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "passed" in out.stdout and "sslfast" in out.stdout
