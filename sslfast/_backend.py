@@ -19,6 +19,10 @@ def resolve_backend(backend, device, op, implemented, gpu_default="cuda"):
             if env not in BACKENDS:
                 raise ValueError(f"SSLFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
             backend = env
+            # The variable is global: "cuda" / "triton" mean an op's fused GPU kernel,
+            # whichever of the two it is written in.
+            if backend in ("cuda", "triton") and backend not in implemented:
+                backend = gpu_default
     if backend == "auto":
         backend = gpu_default if device.type == "cuda" else "cpu"
     if backend not in implemented:

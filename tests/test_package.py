@@ -37,6 +37,11 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend("reference", cuda, "op", impl) == "reference"
     monkeypatch.setenv("SSLFAST_BACKEND", "reference")
     assert resolve_backend("auto", cpu, "op", impl) == "reference"
+    monkeypatch.setenv("SSLFAST_BACKEND", "cuda")  # an op written in Triton takes it as triton
+    assert resolve_backend("auto", cuda, "op", ("triton", "cpu"), gpu_default="triton") == "triton"
+    monkeypatch.setenv("SSLFAST_BACKEND", "triton")  # and a CUDA C++ op as cuda
+    assert resolve_backend("auto", cuda, "op", impl) == "cuda"
+    monkeypatch.setenv("SSLFAST_BACKEND", "reference")
     assert resolve_backend("cpu", cpu, "op", impl) == "cpu"  # the argument wins
     with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors"):
         resolve_backend("cpu", cuda, "op", impl)

@@ -1,7 +1,5 @@
 """CLIP loss — SEMANTICS.md §3, open_clip.ClipLoss semantics."""
 
-import torch
-
 from sslfast import distributed
 from sslfast.ops._contrastive import (
     backend_for,
