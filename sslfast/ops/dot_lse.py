@@ -118,6 +118,48 @@ def _cpu_backward(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk):
     return dq, dk, dscale
 
 
+def _cpu_pair(x, y, scale, need_dx, need_dy, need_ds):
+    """CLIP's two directions over one logit matrix, in row blocks: one pass for
+    both log-sum-exps (the rows' final per block, the columns' kept online),
+    then, when a gradient is needed, one pass for the gradients of
+    mean_i lse_x_i + mean_j lse_y_j: W = P_row / Nx + P_col / Ny,
+    dx = s W y, dy = s W^T x, ds = sum W * x.y. Four matmuls per block pair in
+    all (the dense loss needs three, and N x N memory)."""
+    ct = _compute_dtype(x)
+    xf, yf, s = x.to(ct), y.to(ct), scale.to(ct)
+    nx, ny = x.shape[0], y.shape[0]
+    lse_x = torch.empty(nx, dtype=ct)
+    col_m = torch.full((ny,), float("-inf"), dtype=ct)
+    col_l = torch.zeros(ny, dtype=ct)
+    blocks = _row_blocks(nx, ny)
+    for r0, r1 in blocks:
+        logits = torch.mm(xf[r0:r1], yf.t()).mul_(s)
+        m = logits.amax(dim=1)
+        lse_x[r0:r1] = torch.sub(logits, m[:, None]).exp_().sum(dim=1).log_().add_(m)
+        new_m = torch.maximum(col_m, logits.amax(dim=0))
+        col_l.mul_(torch.exp(col_m - new_m)).add_(logits.sub_(new_m[None, :]).exp_().sum(dim=0))
+        col_m = new_m
+    lse_y = col_l.log_().add_(col_m)
+    if not (need_dx or need_dy or need_ds):
+        return lse_x, lse_y, None, None, None
+    dx = torch.empty(nx, x.shape[1], dtype=ct) if need_dx else None
+    dy = torch.zeros(ny, y.shape[1], dtype=ct) if need_dy else None
+    ds = torch.zeros((), dtype=ct)
+    for r0, r1 in blocks:
+        logits = torch.mm(xf[r0:r1], yf.t()).mul_(s)
+        w = torch.sub(logits, lse_x[r0:r1, None]).exp_().div_(nx)
+        w.add_(torch.sub(logits, lse_y[None, :]).exp_().div_(ny))
+        if need_dx:
+            torch.mm(w, yf, out=dx[r0:r1]).mul_(s)
+        if need_dy:
+            dy.addmm_(w.t(), xf[r0:r1])
+        if need_ds:
+            ds += logits.mul_(w).sum() / s
+    if need_dy:
+        dy.mul_(s)
+    return lse_x, lse_y, dx, dy, ds if need_ds else None
+
+
 # ---- custom ops --------------------------------------------------------------------
 
 
@@ -375,11 +417,10 @@ def dot_lse_pair_mean(
     ct = _compute_dtype(x)
     none = lambda: x.new_empty(0, dtype=ct)  # noqa: E731
     if backend == "cpu":
-        lse_x, dq_a, dk_a, ds_a = _cpu_forward(x, y, scale, None, None, need_dx, need_dy, need_ds)
-        lse_y, dq_b, dk_b, ds_b = _cpu_forward(y, x, scale, None, None, need_dy, need_dx, need_ds)
-        dx = dq_a + dk_b if need_dx else none()
-        dy = dk_a + dq_b if need_dy else none()
-        ds = ds_a + ds_b if need_ds else none()
+        lse_x, lse_y, dx, dy, ds = _cpu_pair(x, y, scale, need_dx, need_dy, need_ds)
+        dx = dx if dx is not None else none()
+        dy = dy if dy is not None else none()
+        ds = ds if ds is not None else none()
     else:
         if backend == "triton":
             lse_x = _kernels().dot_lse_forward(x, y, scale)

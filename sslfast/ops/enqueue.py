@@ -112,6 +112,12 @@ def enqueue_(queue, ptr, keys, normalize=False, *, backend="auto"):
             in place.
         ptr: one-element int64 tensor on the queue's device holding the next
             slot, in [0, K); updated in place (on a GPU without a host sync).
+            The op always leaves it in range; on the CPU its value is checked,
+            on a GPU (where reading it would sync) a value set by hand outside
+            [0, K) is undefined behaviour: the CUDA kernel uses the pointer's
+            high 32 bits as its blocks' arrival counter. For the same reason,
+            two enqueue_ calls on one ptr must not run concurrently (on two
+            streams without ordering).
         keys: (N, D) tensor of the queue's dtype and device; any N >= 0 (with
             N > K the newest K rows are kept). Never modified; no gradient flows.
         normalize: write each row divided by max(its L2 norm, 1e-12), computed in

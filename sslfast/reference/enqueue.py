@@ -12,7 +12,8 @@ def enqueue_reference(queue, ptr, keys, normalize=False):
     """(new queue, new pointer) after writing ``keys`` row by row; nothing
     passed in is modified. ``ptr`` is an int or a one-element tensor in [0, K);
     ``normalize`` writes each row divided by max(its L2 norm, 1e-12), computed
-    in float64 and rounded once into the queue's dtype."""
+    here in float64 and rounded once into the queue's dtype (the kernels
+    accumulate the norm in float32, or float64 for float64 queues)."""
     out = queue.detach().clone()
     size = queue.shape[0]
     p = int(ptr)
