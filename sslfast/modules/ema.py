@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from sslfast.ops.ema import _SUPPORTED_PAIRS, check_decay, ema_
+from sslfast.ops.ema import _SUPPORTED_PAIRS, check_decay, ema_, ema_torch_
 
 _BUFFER_MODES = ("average", "copy", "skip")
 
@@ -160,11 +160,9 @@ class ModelEMA(nn.Module):
                 ss = ss + [s.get() for _, s in buffer_slots]
             ema_(ts, ss, decay)
         if self._rest:
-            w = 1.0 - decay.double() if torch.is_tensor(decay) else 1.0 - decay
-            for es, ss in self._rest:
-                t = es.get()
-                wt = w.to(device=t.device, dtype=t.dtype) if torch.is_tensor(w) else w
-                t.lerp_(ss.get().to(device=t.device, dtype=t.dtype), wt)
+            decay_tensor = decay if torch.is_tensor(decay) else None
+            ema_torch_([es.get() for es, _ in self._rest], [ss.get() for _, ss in self._rest],
+                       decay_tensor, 0.0 if decay_tensor is not None else float(decay))
         for es, ss in self._copied:
             e = es.get()
             e.copy_(ss.get().to(device=e.device))

@@ -109,12 +109,13 @@ def _check_decay_device(decay_tensor, device):
 
 
 @torch.no_grad()
-def _ema_torch_(targets, sources, decay_tensor, decay):
-    """The PyTorch fallback: lerp_ in the target's precision, as the kernels do."""
+def ema_torch_(targets, sources, decay_tensor, decay):
+    """The PyTorch fallback: lerp_ in the target's precision, as the kernels do.
+    Also takes what the kernels do not: any dtype pair, sources on another device."""
     weight = (1.0 - decay_tensor.to(torch.float64)) if decay_tensor is not None else 1.0 - decay
     for t, s in zip(targets, sources):
         w = weight.to(device=t.device, dtype=t.dtype) if torch.is_tensor(weight) else weight
-        t.lerp_(s.to(t.dtype), w)
+        t.lerp_(s.to(device=t.device, dtype=t.dtype), w)
 
 
 @torch.no_grad()
@@ -160,7 +161,7 @@ def ema_(targets, sources, decay, *, backend="auto"):
         _ema_reference_(targets, sources, decay_tensor, decay_value)
     else:
         _extension.warn_fallback("ema_", device.type)
-        _ema_torch_(targets, sources, decay_tensor, decay_value)
+        ema_torch_(targets, sources, decay_tensor, decay_value)
 
 
 def _register_fake():
