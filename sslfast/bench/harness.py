@@ -61,7 +61,9 @@ def environment(device):
     except ImportError:
         triton_version = None
     commit = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    # Only the code counts: the results a run appends must not mark its later ops dirty.
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "sslfast", "csrc",
+                      "setup.py", "pyproject.toml"))
     return {
         "device": device_name(device),
         "device_type": device.type,
