@@ -1,0 +1,88 @@
+"""Compiles every Triton kernel of sslfast ahead of time for GPU targets, on a
+machine without a GPU: type and lowering errors that the interpreter cannot
+see (it runs the kernels in NumPy) surface here. Prints one line per kernel
+variant; exits 1 if any fails.
+
+    python tools/compile_kernels.py [--archs 90,80] [--quick]
+"""
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile  # noqa: E402
+
+from sslfast.kernels import dot_lse as K  # noqa: E402
+
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+INPUTS = {"q_ptr", "k_ptr"}  # the feature operands; every other pointer is fp32
+
+
+def variants(quick):
+    """(kernel, feature dtype, constexprs) to compile."""
+    out = []
+    dtypes = ["bf16", "fp32"] if quick else list(DTYPES)
+    single = [True] if quick else [True, False]
+    for dt, sd in itertools.product(dtypes, single):
+        blocks = {"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_D": 64, "SINGLE_D": sd}
+        ieee = dt == "fp32"
+        for split in (False, True):
+            out.append((K._dot_lse_fwd_kernel, dt, {"HAS_EXCLUDE": True, "HAS_EXTRA": True,
+                                                      "IEEE": ieee, "SPLIT": split, **blocks}))
+        for two, both in ((False, False), (True, False), (True, True)):
+            out.append((K._dot_lse_bwd_dq_kernel, dt, {"HAS_EXCLUDE": not both, "IEEE": ieee,
+                                                         "STORE_DQ": True, "TWO_SIDED": two,
+                                                         "DS_BOTH": both, **blocks}))
+        out.append((K._dot_lse_bwd_dq_kernel, dt, {"HAS_EXCLUDE": False, "IEEE": ieee,
+                                                     "STORE_DQ": False, "TWO_SIDED": False,
+                                                     "DS_BOTH": False, **blocks}))
+        out.append((K._dot_lse_bwd_dk_kernel, dt, {"HAS_EXCLUDE": True, "IEEE": ieee,
+                                                     "NORM_G": dt == "fp16", **blocks}))
+    return out
+
+
+def compile_variant(fn, dtype, constexprs, arch):
+    names = list(fn.arg_names)
+    sig = {}
+    for n in names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = DTYPES[dtype] if n in INPUTS else "*fp32"
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return compile(src, target=GPUTarget("cuda", arch, 32))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="90,80")
+    p.add_argument("--quick", action="store_true", help="fewer variants")
+    a = p.parse_args(argv)
+    failed = 0
+    for arch in (int(x) for x in a.archs.split(",")):
+        for fn, dtype, consts in variants(a.quick):
+            flags = ",".join(f"{k}={v}" for k, v in consts.items() if not k.startswith("BLOCK"))
+            t0 = time.perf_counter()
+            try:
+                out = compile_variant(fn, dtype, consts, arch)
+                ok = bool(out.asm.get("cubin"))
+                msg = f"{len(out.asm['cubin'])} B cubin" if ok else "no cubin"
+            except Exception as exc:  # noqa: BLE001 - report every failure
+                ok, msg = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            failed += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} sm_{arch} {fn.__name__} {dtype} {flags}: {msg} "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
