@@ -12,7 +12,7 @@ CUDA_HOME   ?= $(shell sh tools/cuda_home.sh)
 
 export MAX_JOBS CUDA_HOME
 
-.PHONY: venv build test test-cuda bench report clean
+.PHONY: venv build lint test test-cuda bench report clean
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ venv: $(VENV)/.ready
 
 # Test extras and the libraries the parity tests compare against.
 $(VENV)/.test-deps: $(VENV)/.ready
-	$(PIP) install -q pytest pytest-benchmark hypothesis timm lightly matplotlib
+	$(PIP) install -q pytest pytest-benchmark hypothesis timm lightly matplotlib ruff
 	touch $@
 
 $(VENV)/.bench-deps: $(VENV)/.test-deps
@@ -41,7 +41,10 @@ $(VENV)/.built: $(VENV)/.ready $(EXT_SOURCES)
 build: $(VENV)/.built
 	$(PY) -c "import sslfast; print('sslfast: CPU kernels', sslfast.has_cpu_kernels(), '| CUDA kernels', sslfast.has_cuda_kernels())"
 
-test: $(VENV)/.test-deps build
+lint: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check .
+
+test: $(VENV)/.test-deps lint build
 	$(PY) -m pytest tests -q ; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 test-cuda: $(VENV)/.test-deps build

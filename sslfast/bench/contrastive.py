@@ -39,7 +39,10 @@ DENSE_LIMIT = {"cuda": 65536 * 65536, "cpu": 16384 * 16384}
 
 
 def _flops(kind, rows, d, k):
-    r, c = (2 * rows, 2 * rows) if kind == "ntxent" else (rows, k + 1) if kind == "moco" else (rows, rows)
+    if kind == "ntxent":
+        r, c = 2 * rows, 2 * rows
+    else:
+        r, c = (rows, k + 1) if kind == "moco" else (rows, rows)
     return 6 * r * c * d, r * c
 
 

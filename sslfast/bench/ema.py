@@ -123,7 +123,7 @@ def run(device, quick=False, write=True, progress=None, ceil=None, models=None):
         bytes_per = 12 if case == "fp32<-fp32" else 10
         rows = []
         measured = harness.measure_all({k: fn for k, (fn, _) in provs.items()}, device, quick)
-        for pname, (fn, note) in provs.items():
+        for pname, (_fn, note) in provs.items():
             m = measured[pname]
             gbps = numel * bytes_per / m["median_ms"] / 1e6
             rows.append({

@@ -143,27 +143,35 @@ def measure_all(fns, device, quick=False, min_runs=5):
     }
 
 
-def ceilings(device, quick=False):
-    """The device's own peaks, measured now: copy bandwidth and matmul rate."""
-    out = {}
+def _bandwidth(device, quick):
+    """(copy GB/s, in-place add GB/s) over buffers far larger than any cache."""
     n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, quick)[0]
-    out["copy_gbps"] = 2 * n_bytes / ms / 1e6  # read + write
-    # In-place add moves 12 bytes per fp32 element like an EMA; on CPUs a plain
-    # copy also pays an unseen read of the destination, so take the better.
-    ms = time_ms(lambda: dst.add_(src), device, quick)[0]
-    out["add_gbps"] = 3 * n_bytes / ms / 1e6
-    out["mem_gbps"] = max(out["copy_gbps"], out["add_gbps"])
-    del src, dst
-    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    copy_ms = time_ms(lambda: dst.copy_(src), device, quick)[0]
+    add_ms = time_ms(lambda: dst.add_(src), device, quick)[0]
+    return 2 * n_bytes / copy_ms / 1e6, 3 * n_bytes / add_ms / 1e6  # read + write; 2 reads + write
+
+
+def _matmul_tflops(device, dtype, quick):
     n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / time_ms(lambda: a @ b, device, quick)[0] / 1e9
+
+
+def ceilings(device, quick=False):
+    """The device's own peaks, measured now: copy bandwidth and matmul rate.
+
+    The in-place add moves 12 bytes per fp32 element like an EMA; on CPUs a
+    plain copy also pays an unseen read of the destination, so mem_gbps is the
+    better of the two."""
+    out = {}
+    out["copy_gbps"], out["add_gbps"] = _bandwidth(device, quick)
+    out["mem_gbps"] = max(out["copy_gbps"], out["add_gbps"])
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     for dt in dtypes:
-        a = torch.randn(n, n, device=device, dtype=dt)
-        b = torch.randn(n, n, device=device, dtype=dt)
-        ms = time_ms(lambda: a @ b, device, quick)[0]
-        out[f"matmul_{str(dt)[6:]}_tflops"] = 2 * n**3 / ms / 1e9
+        out[f"matmul_{str(dt)[6:]}_tflops"] = _matmul_tflops(device, dt, quick)
     return out
 
 

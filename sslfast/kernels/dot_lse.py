@@ -368,7 +368,8 @@ _single_d = triton.heuristics({"SINGLE_D": lambda a: a["D"] <= a["BLOCK_D"]})
 # All args are passed positionally, so the key args are in the autotuner's named args
 # on every Triton version; tensor dtypes are added to the key by Triton itself.
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_fwd_kernel))
-_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ", "TWO_SIDED", "DS_BOTH"])(
+_bwd_dq_tuned = triton.autotune(
+    _BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ", "TWO_SIDED", "DS_BOTH"])(
     _single_d(_dot_lse_bwd_dq_kernel))
 _bwd_dk_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_bwd_dk_kernel))
 

@@ -93,7 +93,8 @@ class ModelEMA(nn.Module):
         if shadow_dtype is not None and (
             not isinstance(shadow_dtype, torch.dtype) or not shadow_dtype.is_floating_point
         ):
-            raise TypeError(f"shadow_dtype must be a floating-point torch.dtype, got {shadow_dtype!r}")
+            raise TypeError(
+                f"shadow_dtype must be a floating-point torch.dtype, got {shadow_dtype!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         model = _unwrap(model)

@@ -185,7 +185,8 @@ def dot_lse_mean(
     ct = _compute_dtype(q)
     dq = dk = ds = None
     if backend == "cpu":
-        lse, dq, dk, ds = _cpu_forward(q, k, scale, exclude_offset, extra, need_dq, need_dk, need_ds)
+        lse, dq, dk, ds = _cpu_forward(q, k, scale, exclude_offset, extra, need_dq, need_dk,
+                                       need_ds)
     else:
         if backend == "triton":
             lse = _kernels().dot_lse_forward(q, k, scale, exclude_offset, extra)

@@ -71,7 +71,8 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, labels=None, normali
         labels = torch.arange(n, device=query.device) + offset
     else:
         if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
-            raise ValueError(f"labels must be a ({n},) tensor, got {getattr(labels, 'shape', labels)}")
+            raise ValueError(
+                f"labels must be a ({n},) tensor, got {getattr(labels, 'shape', labels)}")
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"labels must be int64, got {labels.dtype}")
         labels = labels.to(device=query.device, dtype=torch.int64)
