@@ -9,6 +9,12 @@ TORCH_LIBRARY(sslfast, m) {
   // Writes keys (N, dim) into the ring buffer queue (size, dim) at the device-side
   // pointer ptr (int64, one element), wrapping around, and advances ptr.
   m.def("enqueue_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys, bool normalize=False) -> ()");
+  // SSL augmentation of images[i] (3, Hi, Wi) with per-sample parameters: boxes
+  // (B, 4) [top, left, height, width], flags (B, 4) [flip, jitter, gray, solarize],
+  // factors (B, 5) [brightness, contrast, saturation, hue, blur sigma], order (B, 4).
+  m.def("augment(Tensor[] images, Tensor boxes, Tensor flags, Tensor factors, Tensor order, "
+        "int size, int kernel_size, float[] mean, float[] std, ScalarType dtype, "
+        "bool channels_last) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -1,10 +1,10 @@
 """Per-sample SSL augmentation (SEMANTICS.md §6): pipeline configs, the presets'
 views, and per-sample parameters drawn on the device.
 
-Built so far: ``AugmentConfig`` and the presets' configs (SimCLR, MoCo v2 /
-SimSiam, BYOL, DINO), ``sample_params`` / ``AugmentParams``; the definition
-of the pipeline is ``sslfast.reference.augment_reference``. The fused
-augmentation kernels and the preset callables come with the rest of issue 5.
+``AugmentConfig`` and the presets' configs (SimCLR, MoCo v2 / SimSiam, BYOL,
+DINO); ``sample_params`` / ``AugmentParams``; the preset callables
+(``SimCLRAugment``, ...) over ``sslfast.functional.augment``. The definition of
+the pipeline is ``sslfast.reference.augment_reference``.
 """
 
 from sslfast.augment.config import (
@@ -18,12 +18,24 @@ from sslfast.augment.config import (
     simclr_config,
 )
 from sslfast.augment.params import AugmentParams, sample_params
+from sslfast.augment.presets import (
+    BYOLAugment,
+    DINOAugment,
+    MoCoV2Augment,
+    SimCLRAugment,
+    ViewsAugment,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AugmentConfig",
     "AugmentParams",
+    "BYOLAugment",
+    "DINOAugment",
+    "MoCoV2Augment",
+    "SimCLRAugment",
+    "ViewsAugment",
     "blur_kernel_size",
     "byol_configs",
     "dino_configs",

@@ -8,6 +8,7 @@ renders the results.
 """
 
 OPS = {
+    "augment": "sslfast.bench.augment",
     "contrastive": "sslfast.bench.contrastive",
     "ema": "sslfast.bench.ema",
     "queue": "sslfast.bench.queue",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from sslfast import functional
 from sslfast.reference import (
+    augment_reference,
     clip_reference,
     ema_reference,
     enqueue_reference,
@@ -176,7 +177,35 @@ def _fast_enqueue_reference(queue, ptr, keys, normalize):
     return out, (ptr + n) % size
 
 
-CHECKS = {"contrastive": check_contrastive, "ema": check_ema, "queue": check_queue}
+# ---- augmentation -------------------------------------------------------------------------
+
+
+def _augment_case(case, n, size, source, device):
+    from sslfast.augment import sample_params, simclr_config
+
+    cfg = simclr_config(size).replace(solarize_p=0.5)
+    g = torch.Generator().manual_seed(n)
+    sizes = [(int(h), int(w)) for h, w in torch.randint(source // 2, source, (n, 2), generator=g)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    params = sample_params(n, sizes, cfg, torch.Generator().manual_seed(n))
+    out = functional.augment([x.to(device) for x in images], params.to(device), cfg)
+    expected = augment_reference(images, params, cfg)
+    std = torch.tensor(cfg.std)[None, :, None, None]
+    # on the [0, 1] scale, relative to 1: SEMANTICS.md's 2e-3
+    err = float(((out.float().cpu() - expected.float()) * std).abs().max())
+    return _row("augment", case, [err], 2e-3)
+
+
+def check_augment(device, quick=False):
+    rows = []
+    for n, size, source in ((4, 24, 40), (16 if quick else 64, 64 if quick else 224, 256)):
+        case = f"B={n} {source // 2}-{source}px -> {size}px, SimCLR + solarize"
+        rows.append(_guard("augment", case, partial(_augment_case, case, n, size, source, device)))
+    return rows
+
+
+CHECKS = {"augment": check_augment, "contrastive": check_contrastive, "ema": check_ema,
+          "queue": check_queue}
 
 
 def run_checks(ops, device, quick=False, progress=None):

@@ -22,9 +22,9 @@ from sslfast.bench import harness
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # What a plot's x axis is for each op, and what else makes one line series.
 X_AXIS = {"contrastive": ("rows", "rows per view N"), "queue": ("rows", "queries N"),
-          "ema": ("numel", "elements")}
+          "ema": ("numel", "elements"), "augment": ("rows", "images B")}
 GROUP_BY = {"contrastive": ("model", "dim", "queue", "dtype"), "queue": ("queue", "dim", "dtype"),
-            "ema": ("dtype",)}
+            "ema": ("dtype",), "augment": ("model",)}
 
 
 def load(results_dir=None):
@@ -54,10 +54,16 @@ def _ms(v):
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
+def _figure(rs):
+    """(unit, record key) of the figure a run reports."""
+    if any("views_per_s" in r for r in rs):
+        return "views/s", "views_per_s"
+    return ("GB/s", "gbps") if any("gbps" in r for r in rs) else ("TFLOP/s", "tflops")
+
+
 def table(rs):
-    unit = "GB/s" if any("gbps" in r for r in rs) else "TFLOP/s"
-    key = "gbps" if unit == "GB/s" else "tflops"
-    case_of = (lambda r: r.get("shape", r["model"])) if key == "tflops" else (lambda r: r["model"])
+    unit, key = _figure(rs)
+    case_of = (lambda r: r["model"]) if key == "gbps" else (lambda r: r.get("shape", r["model"]))
     providers = list(dict.fromkeys(r["provider"] for r in rs))
     cases = list(dict.fromkeys((case_of(r), r["dtype"]) for r in rs))
     head = ["case", "dtype", *[f"{p} (ms)" for p in providers],
@@ -138,7 +144,7 @@ def _bytes(v):
 
 def full_table(rs):
     """Every provider of every case of one run."""
-    unit, key = ("GB/s", "gbps") if any("gbps" in r for r in rs) else ("TFLOP/s", "tflops")
+    unit, key = _figure(rs)
     head = ["case", "dtype", "provider", "median ms", "p20–p80 ms", "peak memory", unit,
             "% of peak", "vs reference", "vs best other"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

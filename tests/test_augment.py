@@ -1,0 +1,168 @@
+"""The fused augmentation (sslfast.functional.augment) against the definition:
+torchvision.transforms.v2.functional per sample (SEMANTICS.md §6)."""
+
+import pytest
+import torch
+
+from sslfast import _extension
+from sslfast.augment import (
+    AugmentConfig,
+    BYOLAugment,
+    DINOAugment,
+    MoCoV2Augment,
+    SimCLRAugment,
+    sample_params,
+    simclr_config,
+)
+from sslfast.functional import augment
+from sslfast.reference import augment_reference
+from tests.utils import DEVICES
+
+OFF = AugmentConfig(output_size=32, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+                    solarize_p=0.0)
+SUB_OPS = {
+    "resize": {},
+    "resize-up": {"crop_scale": (0.01, 0.05)},  # small crops: upsampling
+    "flip": {"flip_p": 1.0},
+    "brightness": {"jitter_p": 1.0, "brightness": 0.8, "contrast": 0, "saturation": 0, "hue": 0},
+    "contrast": {"jitter_p": 1.0, "brightness": 0, "contrast": 0.8, "saturation": 0, "hue": 0},
+    "saturation": {"jitter_p": 1.0, "brightness": 0, "contrast": 0, "saturation": 0.8, "hue": 0},
+    "hue": {"jitter_p": 1.0, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0.5},
+    "grayscale": {"gray_p": 1.0},
+    "blur": {"blur_p": 1.0},
+    "solarize": {"solarize_p": 1.0},
+}
+
+
+def _batch(n, seed, lo=20, hi=90, dtype=torch.uint8):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(int(h), int(w)) for h, w in torch.randint(lo, hi, (n, 2), generator=g)]
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    if dtype != torch.uint8:
+        imgs = [x.to(dtype) / 255 for x in imgs]
+    return imgs, sizes
+
+
+def _err01(out, ref, cfg):
+    """max |out - ref| on the [0, 1] scale (undoing the normalization)."""
+    std = torch.tensor(cfg.std)[None, :, None, None]
+    return float(((out.float().cpu() - ref.float().cpu()) * std).abs().max())
+
+
+def _check(cfg, n, seed, device="cpu", dtype=torch.uint8, tol=2e-3):
+    imgs, sizes = _batch(n, seed, dtype=dtype)
+    params = sample_params(n, sizes, cfg, torch.Generator().manual_seed(seed))
+    out = augment([x.to(device) for x in imgs], params.to(device), cfg)
+    ref = augment_reference(imgs, params, cfg)
+    assert out.shape == (n, 3, cfg.output_size, cfg.output_size) and out.dtype == cfg.dtype
+    err = _err01(out, ref, cfg)
+    assert err <= tol, err
+    return out
+
+
+needs_kernels = pytest.mark.skipif(not _extension.has_cpu_kernels(), reason="no compiled kernels")
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(SUB_OPS))
+def test_each_sub_op_alone(op, device):
+    _check(OFF.replace(**SUB_OPS[op]), 8, seed=len(op), device=device)
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(4))
+def test_whole_pipeline_random_sizes_and_parameters(seed, device):
+    cfg = simclr_config(output_size=40).replace(solarize_p=0.5, blur_p=0.7)
+    _check(cfg, 24, seed, device=device)
+
+
+@needs_kernels
+def test_float_inputs_batch_tensor_and_output_layouts():
+    cfg = simclr_config(output_size=24, dtype=torch.bfloat16, channels_last=True)
+    imgs, sizes = _batch(6, 5, lo=30, hi=31, dtype=torch.float32)  # one size: a batch tensor
+    batch = torch.stack(imgs)
+    params = sample_params(6, sizes, cfg, torch.Generator().manual_seed(1))
+    out = augment(batch, params, cfg)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    ref = augment_reference(batch, params, cfg.replace(dtype=torch.float32))
+    assert _err01(out, ref, cfg) <= 2e-3 + 8e-3 * 3  # plus one bf16 rounding of values up to ~3
+    out16 = augment(batch, params, cfg.replace(dtype=torch.float16, channels_last=False))
+    assert out16.dtype == torch.float16 and out16.is_contiguous()
+
+
+@needs_kernels
+def test_same_parameters_same_output_bitwise():
+    cfg = simclr_config(output_size=32)
+    imgs, sizes = _batch(8, 9)
+    p = sample_params(8, sizes, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(augment(imgs, p, cfg), augment(imgs, p, cfg))
+    a = SimCLRAugment(32)(imgs, torch.Generator().manual_seed(4))
+    b = SimCLRAugment(32)(imgs, torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1])  # two views, independent parameters
+
+
+def test_presets_make_all_views():
+    imgs = torch.randint(0, 256, (3, 3, 50, 60), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    assert [v.shape for v in SimCLRAugment(32)(imgs, g)] == [(3, 3, 32, 32)] * 2
+    assert len(MoCoV2Augment(32)(imgs, g)) == 2
+    v1, v2 = BYOLAugment(32).configs
+    assert (v1.blur_p, v2.solarize_p) == (1.0, 0.2)
+    views = DINOAugment(n_local_views=3, global_size=32, local_size=16)(imgs, g)
+    assert [v.shape[-1] for v in views] == [32, 32, 16, 16, 16]
+    with pytest.raises(ValueError, match="n_local_views"):
+        DINOAugment(n_local_views=-1)
+
+
+@needs_kernels
+def test_opcheck_and_compile():
+    cfg = simclr_config(output_size=16)
+    imgs, sizes = _batch(3, 2, lo=20, hi=30)
+    p = sample_params(3, sizes, cfg, torch.Generator().manual_seed(0))
+    from sslfast.ops.augment import _pack
+
+    args = (imgs, *_pack(p, torch.device("cpu")), 16, cfg.kernel_size, list(cfg.mean),
+            list(cfg.std), torch.float32, False)
+    torch.library.opcheck(torch.ops.sslfast.augment.default, args)
+
+
+def test_bad_input_names_the_argument():
+    cfg = simclr_config(output_size=16)
+    imgs, sizes = _batch(2, 0)
+    p = sample_params(2, sizes, cfg)
+    with pytest.raises(ValueError, match=r"images\[1\] must have 3 channels"):
+        augment([imgs[0], imgs[1][:2]], p, cfg)
+    with pytest.raises(TypeError, match=r"images\[0\] must be uint8 or floating point"):
+        augment([imgs[0].int(), imgs[1]], p, cfg)
+    with pytest.raises(ValueError, match="images is an empty list"):
+        augment([], p, cfg)
+    with pytest.raises(ValueError, match="images must be .B, 3, H, W."):
+        augment(torch.zeros(2, 4, 8, 8, dtype=torch.uint8), p, cfg)
+    with pytest.raises(ValueError, match="2 images but params for 3 samples"):
+        augment(imgs, sample_params(3, (30, 30), cfg), cfg)
+    with pytest.raises(TypeError, match="config must be an AugmentConfig"):
+        augment(imgs, p, {"output_size": 16})
+    with pytest.raises(ValueError, match="too large for output size"):
+        augment(imgs, p, cfg.replace(blur_kernel_size=33))
+
+
+@needs_kernels
+def test_crop_box_outside_the_image_is_rejected():
+    cfg = simclr_config(output_size=16)
+    imgs, sizes = _batch(2, 0, lo=30, hi=31)
+    p = sample_params(2, sizes, cfg)
+    p.crop_top[1] = 29
+    p.crop_height[1] = 5
+    with pytest.raises(ValueError, match="crop box 1 .* is not inside images"):
+        augment(imgs, p, cfg)
+
+
+def test_reference_backend_and_fallback_warning(recwarn):
+    cfg = simclr_config(output_size=16)
+    imgs, sizes = _batch(2, 1)
+    p = sample_params(2, sizes, cfg)
+    ref = augment(imgs, p, cfg, backend="reference")
+    assert torch.equal(ref, augment_reference(imgs, p, cfg))
