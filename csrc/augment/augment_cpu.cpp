@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "augment/augment_checks.h"
@@ -31,31 +32,44 @@ inline float pixel(const T* p) {
   }
 }
 
-// Resized crop into buf (3, S, S), flipped when asked.
+// Resized crop into buf (3, S, S), flipped when asked: a horizontal pass over the
+// crop's rows (each source row converted to float once), then a vertical pass.
 template <typename T>
-void resize_crop(const Image& img, const int64_t* box, bool flip, int64_t S, float* buf,
-                 std::vector<float>& tmp) {
+SSLFAST_CPU_CLONES void resize_crop(const Image& img, const int64_t* box, bool flip, int64_t S,
+                                    float* buf, std::vector<float>& tmp) {
   const int64_t top = box[0], left = box[1], h = box[2], w = box[3];
   const T* src = static_cast<const T*>(img.data);
-  tmp.assign(3 * h * S, 0.f);
-  // Horizontal pass over the crop's rows: tmp (3, h, S).
+  // Normalized weights of every output column.
+  std::vector<int64_t> xmin(S), xsize(S);
+  int64_t wmax = 1;
+  for (int64_t x = 0; x < S; ++x) {
+    const AAWindow win = aa_window(x, w, S);
+    xmin[x] = win.xmin;
+    xsize[x] = win.xsize;
+    wmax = std::max(wmax, win.xsize);
+  }
+  std::vector<float> wx(S * wmax, 0.f), row(w);
   for (int64_t x = 0; x < S; ++x) {
     const AAWindow win = aa_window(x, w, S);
     float total = 0.f;
     for (int64_t j = 0; j < win.xsize; ++j) total += aa_weight(win, j);
-    const float inv = total != 0.f ? 1.f / total : 0.f;
-    for (int64_t j = 0; j < win.xsize; ++j) {
-      const float wt = total != 0.f ? aa_weight(win, j) / total : 0.f;
-      (void)inv;
-      const int64_t sx = left + win.xmin + j;
-      for (int64_t c = 0; c < 3; ++c) {
-        const T* row = src + c * img.stride_c + top * img.stride_h + sx * img.stride_w;
-        float* out = tmp.data() + (c * h) * S + x;
-        for (int64_t r = 0; r < h; ++r) out[r * S] += wt * pixel(row + r * img.stride_h);
+    for (int64_t j = 0; j < win.xsize; ++j)
+      wx[x * wmax + j] = total != 0.f ? aa_weight(win, j) / total : 0.f;
+  }
+  tmp.resize(3 * h * S);
+  for (int64_t c = 0; c < 3; ++c)
+    for (int64_t r = 0; r < h; ++r) {
+      const T* in = src + c * img.stride_c + (top + r) * img.stride_h + left * img.stride_w;
+      for (int64_t j = 0; j < w; ++j) row[j] = pixel(in + j * img.stride_w);
+      float* out = tmp.data() + (c * h + r) * S;
+      for (int64_t x = 0; x < S; ++x) {
+        const float* wt = wx.data() + x * wmax;
+        const float* px = row.data() + xmin[x];
+        float acc = 0.f;
+        for (int64_t j = 0; j < xsize[x]; ++j) acc += wt[j] * px[j];
+        out[x] = acc;
       }
     }
-  }
-  // Vertical pass: buf (3, S, S).
   for (int64_t y = 0; y < S; ++y) {
     const AAWindow win = aa_window(y, h, S);
     float total = 0.f;
@@ -68,19 +82,33 @@ void resize_crop(const Image& img, const int64_t* box, bool flip, int64_t S, flo
         const float* in = tmp.data() + (c * h + win.xmin + j) * S;
         for (int64_t x = 0; x < S; ++x) out[x] += wt * in[x];
       }
-      if (flip)
-        for (int64_t x = 0; x < S / 2; ++x) std::swap(out[x], out[S - 1 - x]);
+      if (flip) std::reverse(out, out + S);
     }
   }
 }
 
-void color(float* buf, int64_t S, const float* f, const int64_t* order) {
+SSLFAST_CPU_CLONES void hue_plane(float* __restrict__ R, float* __restrict__ G,
+                                  float* __restrict__ B, int64_t n, float hue) {
+  for (int64_t i = 0; i < n; ++i) {
+    float r = R[i], g = G[i], b = B[i];
+    adjust_hue(r, g, b, hue);
+    R[i] = r;
+    G[i] = g;
+    B[i] = b;
+  }
+}
+
+SSLFAST_CPU_CLONES void color(float* buf, int64_t S, const float* f, const int64_t* order) {
   const int64_t n = S * S;
   float* R = buf;
   float* G = buf + n;
   float* B = buf + 2 * n;
   for (int k = 0; k < 4; ++k) {
-    switch (order[k]) {
+    // A neutral factor (a strength of 0) leaves the image as it is: skipped, as
+    // torchvision's ColorJitter skips the op.
+    const int64_t op = order[k];
+    if (op == 3 ? f[3] == 0.f : f[op] == 1.f) continue;
+    switch (op) {
       case 0:
         for (int64_t i = 0; i < 3 * n; ++i) buf[i] = blend(buf[i], 0.f, f[0]);
         break;
@@ -100,52 +128,73 @@ void color(float* buf, int64_t S, const float* f, const int64_t* order) {
         }
         break;
       default:
-        for (int64_t i = 0; i < n; ++i) adjust_hue(R[i], G[i], B[i], f[3]);
+        hue_plane(R, G, B, n, f[3]);
         break;
     }
   }
 }
 
-void blur(float* buf, int64_t S, int64_t K, float sigma, std::vector<float>& tmp) {
+// Separable Gaussian blur with reflect padding; each pass's inner loop runs along
+// a row (vectorizable), taps accumulated in order.
+SSLFAST_CPU_CLONES void blur(float* buf, int64_t S, int64_t K, float sigma,
+                             std::vector<float>& tmp) {
   std::vector<float> taps(K);
   float total = 0.f;
   for (int64_t k = 0; k < K; ++k) total += (taps[k] = gaussian_tap(k, K, sigma));
   for (auto& t : taps) t /= total;
   const int64_t pad = K / 2;
-  tmp.assign(3 * S * S, 0.f);
+  std::vector<float> row(S + 2 * pad);
+  tmp.resize(3 * S * S);
   for (int64_t c = 0; c < 3; ++c) {
-    const float* in = buf + c * S * S;
+    float* plane = buf + c * S * S;
     float* mid = tmp.data() + c * S * S;
-    for (int64_t y = 0; y < S; ++y)  // horizontal
-      for (int64_t x = 0; x < S; ++x) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += taps[k] * in[y * S + reflect(x + k - pad, S)];
-        mid[y * S + x] = acc;
+    for (int64_t y = 0; y < S; ++y) {  // horizontal
+      const float* in = plane + y * S;
+      for (int64_t i = 0; i < S + 2 * pad; ++i) row[i] = in[reflect(i - pad, S)];
+      float* out = mid + y * S;
+      for (int64_t x = 0; x < S; ++x) out[x] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float t = taps[k];
+        const float* r = row.data() + k;
+        for (int64_t x = 0; x < S; ++x) out[x] += t * r[x];
       }
-    float* out = buf + c * S * S;
-    for (int64_t y = 0; y < S; ++y)  // vertical
-      for (int64_t x = 0; x < S; ++x) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += taps[k] * mid[reflect(y + k - pad, S) * S + x];
-        out[y * S + x] = acc;
+    }
+    for (int64_t y = 0; y < S; ++y) {  // vertical
+      float* out = plane + y * S;
+      for (int64_t x = 0; x < S; ++x) out[x] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float t = taps[k];
+        const float* r = mid + reflect(y + k - pad, S) * S;
+        for (int64_t x = 0; x < S; ++x) out[x] += t * r[x];
       }
+    }
   }
 }
 
 template <typename O>
-void finish(const float* buf, int64_t S, bool grayscale, bool solar, const std::vector<double>& mean,
-            const std::vector<double>& stdv, O* out, int64_t sc, int64_t sh, int64_t sw) {
-  const int64_t n = S * S;
-  for (int64_t i = 0; i < n; ++i) {
-    float v[3] = {buf[i], buf[n + i], buf[2 * n + i]};
-    if (grayscale) v[0] = v[1] = v[2] = gray(v[0], v[1], v[2]);
-    const int64_t y = i / S, x = i % S;
-    for (int c = 0; c < 3; ++c) {
-      float p = solar ? solarize(v[c]) : v[c];
-      p = (p - static_cast<float>(mean[c])) / static_cast<float>(stdv[c]);
-      out[c * sc + y * sh + x * sw] = static_cast<O>(p);
+SSLFAST_CPU_CLONES void finish(const float* buf, int64_t S, bool solar,
+                               const std::vector<double>& mean, const std::vector<double>& stdv,
+                               O* out, int64_t sc, int64_t sh, int64_t sw) {
+  for (int64_t c = 0; c < 3; ++c) {
+    const float m = static_cast<float>(mean[c]), sd = static_cast<float>(stdv[c]);
+    for (int64_t y = 0; y < S; ++y) {
+      const float* in = buf + (c * S + y) * S;
+      O* o = out + c * sc + y * sh;
+      if (sw == 1) {
+        for (int64_t x = 0; x < S; ++x)
+          o[x] = static_cast<O>(((solar ? solarize(in[x]) : in[x]) - m) / sd);
+      } else {
+        for (int64_t x = 0; x < S; ++x)
+          o[x * sw] = static_cast<O>(((solar ? solarize(in[x]) : in[x]) - m) / sd);
+      }
     }
   }
+}
+
+void to_gray(float* buf, int64_t S) {
+  const int64_t n = S * S;
+  for (int64_t i = 0; i < n; ++i)
+    buf[i] = buf[n + i] = buf[2 * n + i] = gray(buf[i], buf[n + i], buf[2 * n + i]);
 }
 
 at::Tensor augment_cpu(at::TensorList images, const at::Tensor& boxes, const at::Tensor& flags,
@@ -177,18 +226,11 @@ at::Tensor augment_cpu(at::TensorList images, const at::Tensor& boxes, const at:
       else
         resize_crop<float>(imgs[b], box, f[0], size, buf.data(), tmp);
       if (f[1]) color(buf.data(), size, fac, od.data_ptr<int64_t>() + 4 * b);
-      if (fac[4] > 0.f) {
-        if (f[2]) {  // grayscale before the blur: blur the gray image
-          const int64_t n = size * size;
-          for (int64_t i = 0; i < n; ++i)
-            buf[i] = buf[n + i] = buf[2 * n + i] = gray(buf[i], buf[n + i], buf[2 * n + i]);
-        }
-        blur(buf.data(), size, kernel_size, fac[4], tmp);
-      }
-      const bool gray_after = f[2] && !(fac[4] > 0.f);
+      if (f[2]) to_gray(buf.data(), size);  // grayscale (before the blur: it commutes)
+      if (fac[4] > 0.f) blur(buf.data(), size, kernel_size, fac[4], tmp);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "augment_cpu", [&] {
         scalar_t* o = out.data_ptr<scalar_t>() + b * out.stride(0);
-        finish<scalar_t>(buf.data(), size, gray_after, f[3], mean_v, std_v, o, out.stride(1),
+        finish<scalar_t>(buf.data(), size, f[3], mean_v, std_v, o, out.stride(1),
                          out.stride(2), out.stride(3));
       });
     }

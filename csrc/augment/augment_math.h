@@ -14,14 +14,14 @@ namespace augment {
 #ifdef __CUDA_ARCH__
 #define SSLFAST_FLOORF floorf
 #define SSLFAST_EXPF expf
-#define SSLFAST_FMODF fmodf
 #else
 #define SSLFAST_FLOORF std::floor
 #define SSLFAST_EXPF std::exp
-#define SSLFAST_FMODF std::fmod
 #endif
 
-SSLFAST_HD float clamp01(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+SSLFAST_HD float fmax2(float a, float b) { return a > b ? a : b; }
+SSLFAST_HD float fmin2(float a, float b) { return a < b ? a : b; }
+SSLFAST_HD float clamp01(float x) { return fmin2(fmax2(x, 0.f), 1.f); }
 
 // ---- antialiased bilinear resize (ATen's _upsample_bilinear2d_aa, align_corners=False)
 
@@ -67,38 +67,39 @@ SSLFAST_HD float remainder1(float x) { return x - SSLFAST_FLOORF(x); }
 
 // adjust_hue: RGB -> HSV (torchvision's _rgb_to_hsv), h += hue mod 1, HSV -> RGB.
 SSLFAST_HD void adjust_hue(float& r, float& g, float& b, float hue) {
-  const float maxc = r > g ? (r > b ? r : b) : (g > b ? g : b);
-  const float minc = r < g ? (r < b ? r : b) : (g < b ? g : b);
+  const float maxc = fmax2(fmax2(r, g), b);
+  const float minc = fmin2(fmin2(r, g), b);
   const bool eqc = maxc == minc;
   const float range = maxc - minc;
   const float s = range / (eqc ? 1.f : maxc);
   const float div = eqc ? 1.f : range;
   const float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
   const bool neq_r = maxc != r, eq_g = maxc == g;
-  const float hg = (rc + 2.f - bc) * static_cast<float>(eq_g && neq_r);
-  const float hr = (bc - gc) * static_cast<float>(!neq_r);
-  const float hb = (gc + 4.f - rc) * static_cast<float>(neq_r && !eq_g);
-  float h = SSLFAST_FMODF((hr + hg + hb) * (1.f / 6.f) + 1.f, 1.f);
+  // (bitwise & on bools: no short-circuit branch, so the loop vectorizes)
+  const float hg = (rc + 2.f - bc) * (eq_g & neq_r ? 1.f : 0.f);
+  const float hr = (bc - gc) * (neq_r ? 0.f : 1.f);
+  const float hb = (gc + 4.f - rc) * (neq_r & !eq_g ? 1.f : 0.f);
+  // fmod(x, 1) for x in [5/6, 11/6): x - floor(x), exact for such x
+  float h = (hr + hg + hb) * (1.f / 6.f) + 1.f;
+  h = h - SSLFAST_FLOORF(h);
   h = remainder1(h + hue);
   const float v = maxc;
   const float h6 = h * 6.f;
   const float fi = SSLFAST_FLOORF(h6);
   const float f = h6 - fi;
-  int i = static_cast<int>(fi) % 6;
-  i = i < 0 ? i + 6 : i;
+  const float i = fi >= 6.f ? fi - 6.f : fi;  // (int)floor(h6) mod 6, h6 in [0, 6]
   const float sxf = s * f;
   const float one_minus_s = 1.f - s;
   const float q = clamp01((1.f - sxf) * v);
   const float t = clamp01((sxf + one_minus_s) * v);
   const float p = clamp01(one_minus_s * v);
-  switch (i) {  // torchvision's vpqt select table
-    case 0: r = v; g = t; b = p; break;
-    case 1: r = q; g = v; b = p; break;
-    case 2: r = p; g = v; b = t; break;
-    case 3: r = p; g = q; b = v; break;
-    case 4: r = t; g = p; b = v; break;
-    default: r = v; g = p; b = q; break;
-  }
+  // torchvision's vpqt select table as exact 0/1 weights (branch-free, vectorizable):
+  // exactly one weight is 1, and v, p, q, t are finite.
+  const float i0 = i == 0.f ? 1.f : 0.f, i1 = i == 1.f ? 1.f : 0.f, i2 = i == 2.f ? 1.f : 0.f,
+              i3 = i == 3.f ? 1.f : 0.f, i4 = i == 4.f ? 1.f : 0.f, i5 = i == 5.f ? 1.f : 0.f;
+  r = v * (i0 + i5) + q * i1 + p * (i2 + i3) + t * i4;
+  g = v * (i1 + i2) + t * i0 + q * i3 + p * (i4 + i5);
+  b = v * (i3 + i4) + t * i2 + q * i5 + p * (i0 + i1);
 }
 
 // ---- blur

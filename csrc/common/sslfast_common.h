@@ -19,6 +19,14 @@
 #define SSLFAST_HD inline
 #endif
 
+// CPU loops: on x86-64 with GCC an AVX2 clone is chosen at load time besides
+// the baseline (the build targets the baseline so the wheel runs anywhere).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define SSLFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SSLFAST_CPU_CLONES
+#endif
+
 namespace sslfast {
 
 // Arithmetic type used for a storage type: fp32 for everything narrower,

@@ -14,13 +14,6 @@ namespace {
 
 constexpr int64_t kCpuGrain = 1 << 15;  // elements per task at least: 128 KiB of fp32
 
-// x86-64 with GCC: an AVX2 clone chosen at load time besides the baseline.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SSLFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SSLFAST_CPU_CLONES
-#endif
-
 template <typename T, typename S>
 SSLFAST_CPU_CLONES void update_span(T* __restrict__ t, const S* __restrict__ s, int64_t n,
                                     acc_t<T> w) {
