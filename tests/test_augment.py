@@ -166,3 +166,37 @@ def test_reference_backend_and_fallback_warning(recwarn):
     p = sample_params(2, sizes, cfg)
     ref = augment(imgs, p, cfg, backend="reference")
     assert torch.equal(ref, augment_reference(imgs, p, cfg))
+
+
+@needs_kernels
+def test_bad_jitter_order_values_are_skipped_not_read():
+    """A hand-made order outside 0..3 is ignored (no out-of-bounds read)."""
+    cfg = OFF.replace(jitter_p=1.0, brightness=0.5, contrast=0, saturation=0, hue=0)
+    imgs, sizes = _batch(2, 3)
+    p = sample_params(2, sizes, cfg, torch.Generator().manual_seed(0))
+    expected = augment(imgs, p, cfg)
+    p.jitter_order[:, 1:] = torch.tensor([7, -3, 99])
+    p.jitter_order[:, 0] = 0
+    assert torch.equal(augment(imgs, p, cfg), expected)
+
+
+@pytest.mark.cuda
+def test_cuda_large_batch_and_no_host_sync():
+    """More samples than a grid's y dimension allows (65535) and no host sync."""
+    from tests.utils import assert_no_host_sync
+
+    cfg = simclr_config(output_size=8).replace(blur_kernel_size=3)
+    imgs = torch.randint(0, 256, (70000, 3, 10, 10), dtype=torch.uint8, device="cuda")
+    p = sample_params(70000, (10, 10), cfg, torch.Generator(device="cuda").manual_seed(0))
+    out = augment(imgs, p, cfg)
+    idx = [0, 65535, 69999]
+    ref = augment_reference(imgs[idx].cpu(), _subset(p, idx), cfg)
+    assert _err01(out[idx], ref, cfg) <= 2e-3
+    first, sub = imgs[:64], _subset(p, list(range(64)))
+    assert_no_host_sync(lambda: augment(first, sub, cfg))
+
+
+def _subset(p, idx):
+    from sslfast.augment import AugmentParams
+
+    return AugmentParams(**{k: getattr(p, k)[idx] for k in p.__dataclass_fields__})

@@ -25,6 +25,9 @@ inline void check_args(at::TensorList images, const at::Tensor& boxes, const at:
     TORCH_CHECK_VALUE(t.device() == boxes.device(), "sslfast: augment: images[", i, "] is on ",
                       t.device(), " but the parameters are on ", boxes.device());
   }
+  for (const at::Tensor* t : {&flags, &factors, &order})
+    TORCH_CHECK_VALUE(t->device() == boxes.device(), "sslfast: augment: the parameters are on ",
+                      t->device(), " and ", boxes.device(), "; they must share one device");
   TORCH_CHECK_VALUE(boxes.sizes() == at::IntArrayRef({batch, 4}) && boxes.scalar_type() == at::kLong,
                     "sslfast: augment: boxes must be int64 (", batch, ", 4)");
   TORCH_CHECK_VALUE(flags.sizes() == at::IntArrayRef({batch, 4}),

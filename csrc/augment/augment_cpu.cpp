@@ -107,6 +107,7 @@ SSLFAST_CPU_CLONES void color(float* buf, int64_t S, const float* f, const int64
     // A neutral factor (a strength of 0) leaves the image as it is: skipped, as
     // torchvision's ColorJitter skips the op.
     const int64_t op = order[k];
+    if (op < 0 || op > 3) continue;  // not a jitter op (the sampler never makes one)
     if (op == 3 ? f[3] == 0.f : f[op] == 1.f) continue;
     switch (op) {
       case 0:

@@ -3,11 +3,13 @@
 ``augment(images, params, config)`` applies ``config``'s pipeline to every image
 with its own parameters (``sslfast.augment.sample_params``): SEMANTICS.md §6.
 
-Backends: ``cpu`` (``csrc/augment/augment_cpu.cpp``: one task per image, the
-whole pipeline in a cache-resident buffer, one write per output element) and
-``reference`` (torchvision.transforms.v2.functional per sample). The fused CUDA
-kernel is not written yet: CUDA images, and CPU images without the compiled
-extension, run the reference (per sample, slow) and say so once.
+Backends: ``cuda`` (``csrc/augment/augment_cuda.cu``: a contrast-mean pre-pass
+where needed, then one block per output tile that evaluates the pixel chain —
+with the blur's halo in shared memory — and writes each output element once),
+``cpu`` (``csrc/augment/augment_cpu.cpp``: one task per image, the whole
+pipeline in a cache-resident buffer) and ``reference`` (torchvision's
+functional ops per sample). Without the compiled extension the reference runs
+(per sample, slow) and says so once.
 """
 
 import torch
@@ -17,6 +19,7 @@ from sslfast._backend import resolve_backend
 from sslfast.reference.augment import augment_reference
 
 _IMPLEMENTED = ("cpu", "cuda", "reference")
+CUDA_MAX_BLUR_KERNEL = 45  # kMaxTaps in csrc/augment/augment_cuda.cu
 _CONFIG_FIELDS = ("output_size", "kernel_size", "mean", "std", "dtype", "channels_last")
 _PARAM_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "flip", "jitter",
                  "brightness", "contrast", "saturation", "hue", "jitter_order", "grayscale",
@@ -92,13 +95,17 @@ def augment(images, params, config, *, backend="auto"):
                          f"{config.output_size}")
     device = imgs[0].device
     name = resolve_backend(backend, device, "augment", _IMPLEMENTED)
-    if name == "cpu" and _extension.has_cpu_kernels():
+    compiled = _extension.has_cuda_kernels() if name == "cuda" else _extension.has_cpu_kernels()
+    reason = None
+    if name == "cuda" and config.kernel_size > CUDA_MAX_BLUR_KERNEL:
+        compiled = False  # the haloed tile would not fit shared memory: the reference runs
+        reason = f"blur kernel size {config.kernel_size} > {CUDA_MAX_BLUR_KERNEL}"
+    if name in ("cpu", "cuda") and compiled:
         boxes, flags, factors, order = _pack(params, device)
         return torch.ops.sslfast.augment(imgs, boxes, flags, factors, order, config.output_size,
                                          config.kernel_size, list(config.mean), list(config.std),
                                          config.dtype, config.channels_last)
     if name != "reference":
-        reason = "the fused CUDA augmentation kernel is not written yet" if name == "cuda" else None
         _extension.warn_fallback("augment", device.type, reason)
     return augment_reference(imgs, params.to(device), config).to(device)
 
