@@ -93,11 +93,15 @@ def test_float_inputs_batch_tensor_and_output_layouts():
 
 
 @needs_kernels
-def test_same_parameters_same_output_bitwise():
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_parameters_same_output_bitwise(device):
     cfg = simclr_config(output_size=32)
     imgs, sizes = _batch(8, 9)
-    p = sample_params(8, sizes, cfg, torch.Generator().manual_seed(3))
+    imgs = [x.to(device) for x in imgs]
+    p = sample_params(8, sizes, cfg, torch.Generator(device=device).manual_seed(3))
     assert torch.equal(augment(imgs, p, cfg), augment(imgs, p, cfg))
+    if device == "cuda":
+        return
     a = SimCLRAugment(32)(imgs, torch.Generator().manual_seed(4))
     b = SimCLRAugment(32)(imgs, torch.Generator().manual_seed(4))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
