@@ -66,3 +66,15 @@ def assert_loss_and_grads(loss, grads, ref_loss, ref_grads, dtype, temperature=1
             scale = max(scale, 1.0 / temperature**2)
         torch.testing.assert_close(g.detach().cpu().double(), r, rtol=rtol, atol=atol * max(scale, grad_scale),
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def check_against_reference(loss_fn, reference_fn, leaves, dtype, temperature, names):
+    """loss_fn(*leaves) and its gradients equal reference_fn on float64 copies of
+    the leaves (the first two are the feature matrices)."""
+    loss = loss_fn(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = as_float64_leaves(*leaves)
+    ref = reference_fn(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref, ref_leaves)
+    assert_loss_and_grads(loss, grads, ref, ref_grads, dtype, temperature, names,
+                          natural_grad_scale(temperature, leaves[0], leaves[1]))

@@ -143,7 +143,7 @@ def _queue_case(case, size, dim, batches, normalize, device):
     errors = []
     for n in batches:
         keys = torch.randn(n, dim, device=device)
-        exp_q, exp_p = _fast_enqueue_reference(exp_q, exp_p, keys, normalize)
+        exp_q, exp_p = enqueue_reference(exp_q, exp_p, keys, normalize)
         functional.enqueue_(queue, ptr, keys, normalize=normalize)
         errors.append(_rel_error(queue, exp_q))
         errors.append(0.0 if int(ptr) == exp_p else float("inf"))
@@ -158,23 +158,6 @@ def check_queue(device, quick=False):
             rows.append(_guard("enqueue_", case, partial(_queue_case, case, size, dim, batches,
                                                          normalize, device)))
     return rows
-
-
-def _fast_enqueue_reference(queue, ptr, keys, normalize):
-    """enqueue_reference, except that the rows of a large batch that the next
-    rows overwrite are skipped (the reference's row-by-row loop is the same
-    definition; checked against it on the small case)."""
-    size = queue.shape[0]
-    if keys.shape[0] <= 64:
-        return enqueue_reference(queue, ptr, keys, normalize)
-    n = keys.shape[0]
-    kept = keys[max(0, n - size):].double()
-    if normalize:
-        kept = F.normalize(kept, dim=1, eps=1e-12)
-    out = queue.clone()
-    slots = (torch.arange(n - kept.shape[0], n, device=queue.device) + ptr) % size
-    out[slots] = kept.to(out.dtype)
-    return out, (ptr + n) % size
 
 
 # ---- augmentation -------------------------------------------------------------------------

@@ -75,6 +75,39 @@ def _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
 
 
 @triton.jit
+def _resident_tile(rows_ptr, ok, offs_d, D, unused, SINGLE_D: tl.constexpr):
+    """The (n, BLOCK_D) tile of the rows at rows_ptr, loaded once and kept in registers
+    when D fits one chunk (SINGLE_D); otherwise ``unused`` is passed through (the
+    caller walks D from memory and never reads it)."""
+    if SINGLE_D:
+        tile = tl.load(rows_ptr + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D),
+                       other=0.0)
+    else:
+        tile = unused
+    return tile
+
+
+@triton.jit
+def _score_tile(k_ptr, c0, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res, offs_d,
+                exclude_offset, D, HAS_EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                SINGLE_D: tl.constexpr):
+    """The column tile from c0 (columns below c_end) against a row tile: its columns,
+    their mask, row pointers and resident tile, the raw dots (BLOCK_R, BLOCK_C) and the
+    mask of included pairs (in range, j != i + exclude_offset when HAS_EXCLUDE)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < c_end
+    k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
+    k_res = _resident_tile(k_cols_ptr, col_ok, offs_d, D, q_res, SINGLE_D)
+    qk = _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
+                  D, IEEE, BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_EXCLUDE:
+        ok = ok & (cols[None, :] != rows[:, None] + exclude_offset)
+    return cols, col_ok, k_cols_ptr, k_res, qk, ok
+
+
+@triton.jit
 def _dot_lse_fwd_kernel(
     q_ptr, k_ptr, scale_ptr, extra_ptr, lse_ptr, part_m_ptr, part_l_ptr,
     R, C, stride_q, stride_k, exclude_offset, cols_per_split,
@@ -99,27 +132,15 @@ def _dot_lse_fwd_kernel(
     # Work in log2 units: s2 = scale * log2(e) * q.k, lse = ln(2) * (m + log2(l)).
     qk_scale = tl.load(scale_ptr).to(tl.float32) * LOG2E
 
-    if SINGLE_D:  # the q tile stays resident across column tiles
-        q_res = tl.load(q_rows_ptr + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    else:
-        q_res = tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty)  # unused
+    # the q tile stays resident across column tiles when D fits one chunk
+    q_res = _resident_tile(q_rows_ptr, row_ok, offs_d, D,
+                           tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty), SINGLE_D)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < c_end
-        k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
-        if SINGLE_D:
-            k_res = tl.load(k_cols_ptr + offs_d[None, :],
-                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        else:
-            k_res = q_res  # unused
-        qk = _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
-                      D, IEEE, BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
-        ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_EXCLUDE:
-            ok = ok & (cols[None, :] != rows[:, None] + exclude_offset)
+        cols, col_ok, k_cols_ptr, k_res, qk, ok = _score_tile(
+            k_ptr, c0, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res, offs_d, exclude_offset,
+            D, HAS_EXCLUDE, IEEE, BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
         s = tl.where(ok, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # An all -inf row so far: shift by 0 instead of -inf so that -inf - -inf never occurs.
@@ -191,11 +212,10 @@ def _dot_lse_bwd_dq_kernel(
         g_in = g  # unused
         row_mul = g * scale
 
-    if SINGLE_D:  # the q tile stays resident across column tiles
-        q_res = tl.load(q_rows_ptr + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    else:
-        q_res = tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty)  # unused
+    # the q tile stays resident across column tiles when D fits one chunk
+    q_res = _resident_tile(q_rows_ptr, row_ok, offs_d, D,
+                           tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty), SINGLE_D)
+    if not SINGLE_D:
         if STORE_DQ:
             # dq is accumulated in place (read-modify-write) chunk by chunk; start from 0.
             for d0 in range(0, D, BLOCK_D):
@@ -205,19 +225,9 @@ def _dot_lse_bwd_dq_kernel(
             tl.debug_barrier()
     ds_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < c_end
-        k_cols_ptr = k_ptr + cols.to(tl.int64)[:, None] * stride_k
-        if SINGLE_D:
-            k_res = tl.load(k_cols_ptr + offs_d[None, :],
-                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        else:
-            k_res = q_res  # unused
-        qk = _qk_tile(q_rows_ptr, k_cols_ptr, row_ok, col_ok, offs_d, q_res, k_res,
-                      D, IEEE, BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
-        ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_EXCLUDE:
-            ok = ok & (cols[None, :] != rows[:, None] + exclude_offset)
+        cols, col_ok, k_cols_ptr, k_res, qk, ok = _score_tile(
+            k_ptr, c0, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res, offs_d, exclude_offset,
+            D, HAS_EXCLUDE, IEEE, BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
         # where() first: on an empty row lse = -inf and the exp overflows, but is not selected.
         p = tl.where(ok, tl.exp2(qk * qk_scale - lse2[:, None]), 0.0)
         if TWO_SIDED:
@@ -287,11 +297,10 @@ def _dot_lse_bwd_dk_kernel(
         g_div = 1.0
         out_mul = scale
 
-    if SINGLE_D:  # the k tile stays resident across row tiles
-        k_res = tl.load(k_cols_ptr + offs_d[None, :],
-                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    else:
-        k_res = tl.zeros([BLOCK_C, BLOCK_D], dtype=k_ptr.dtype.element_ty)  # unused
+    # the k tile stays resident across row tiles when D fits one chunk
+    k_res = _resident_tile(k_cols_ptr, col_ok, offs_d, D,
+                           tl.zeros([BLOCK_C, BLOCK_D], dtype=k_ptr.dtype.element_ty), SINGLE_D)
+    if not SINGLE_D:
         for d0 in range(0, D, BLOCK_D):  # dk accumulates in place: start from 0
             dd = d0 + offs_d
             tl.store(dk_cols_ptr + dd[None, :], dk_acc, mask=col_ok[:, None] & (dd[None, :] < D))
@@ -302,11 +311,7 @@ def _dot_lse_bwd_dk_kernel(
         q_rows_ptr = q_ptr + rows.to(tl.int64)[:, None] * stride_q
         lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * g_div
-        if SINGLE_D:
-            q_res = tl.load(q_rows_ptr + offs_d[None, :],
-                            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        else:
-            q_res = k_res  # unused
+        q_res = _resident_tile(q_rows_ptr, row_ok, offs_d, D, k_res, SINGLE_D)
         # Transposed tile: (BLOCK_C, BLOCK_R) = k_cols . q_rows
         qkT = _qk_tile(k_cols_ptr, q_rows_ptr, col_ok, row_ok, offs_d, k_res, q_res,
                        D, IEEE, BLOCK_C, BLOCK_R, BLOCK_D, SINGLE_D)

@@ -333,19 +333,10 @@ def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
     if grad_mean is None:
         return none
     grad_mean = grad_mean.to(lse.dtype)
-    eager = (
-        ctx.eager
-        and (not need_dq or dq1.dim() == 2)
-        and (not need_dk or dk1.dim() == 2)
-        and (not need_scale or ds1.dim() == 0)
-    )
-    if eager:  # computed in the forward for these needs
+    if ctx.eager:  # computed in the forward for every gradient asked (see _setup_context)
         dq = grad_mean * dq1 if need_dq else None
         dk = grad_mean * dk1 if need_dk else None
         dscale = grad_mean * ds1 if need_scale else None
-    elif q is None:
-        raise RuntimeError("sslfast: dot_lse_mean: the backward asks for gradients the forward "
-                           "was not told to compute (requires_grad changed after the call?)")
     elif ctx.symmetric and need_dq and need_dk:
         # q and k are one tensor: its whole gradient goes to q (autograd adds the two).
         grad_lse = (grad_mean / lse.shape[0]).expand(lse.shape[0])
