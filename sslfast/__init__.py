@@ -2,7 +2,14 @@
 
 from sslfast import functional
 from sslfast._extension import has_cpu_kernels, has_cuda_kernels
-from sslfast.losses import CLIPLoss, InfoNCELoss, NTXentLoss
+from sslfast.losses import (
+    BYOLLoss,
+    CLIPLoss,
+    DINOLoss,
+    InfoNCELoss,
+    NegativeCosineSimilarity,
+    NTXentLoss,
+)
 from sslfast.modules.ema import ModelEMA, update_momentum
 from sslfast.modules.memory_bank import MemoryBank, MemoryBankModule
 from sslfast.schedules import cosine_schedule
@@ -10,7 +17,10 @@ from sslfast.schedules import cosine_schedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "NegativeCosineSimilarity",
+    "BYOLLoss",
     "CLIPLoss",
+    "DINOLoss",
     "InfoNCELoss",
     "MemoryBank",
     "MemoryBankModule",

@@ -17,10 +17,14 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpret
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 
+from sslfast.kernels import dino as DINO  # noqa: E402
 from sslfast.kernels import dot_lse as K  # noqa: E402
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-INPUTS = {"q_ptr", "k_ptr"}  # the feature operands; every other pointer is fp32
+# The operands in the inputs' dtype (features; DINO's teacher/student outputs and
+# gradient); every other pointer is fp32, these scalars fp32, the rest int32.
+INPUTS = {"q_ptr", "k_ptr", "t_ptr", "s_ptr", "ds_ptr"}
+FLOATS = {"inv_ts", "coef"}
 
 
 def variants(quick):
@@ -43,6 +47,12 @@ def variants(quick):
                                                      "DS_BOTH": False, **blocks}))
         out.append((K._dot_lse_bwd_dk_kernel, dt, {"HAS_EXCLUDE": True, "IEEE": ieee,
                                                      "NORM_G": dt == "fp16", **blocks}))
+    for dt in dtypes:
+        block = {"BLOCK_K": DINO._GPU_CONFIG["BLOCK_K"]}
+        out += [(DINO._dino_teacher_lse_kernel, dt, block),
+                (DINO._dino_fwd_kernel, dt, {"SPLIT": False, **block}),
+                (DINO._dino_fwd_kernel, dt, {"SPLIT": True, **block}),
+                (DINO._dino_bwd_kernel, dt, block)]
     return out
 
 
@@ -54,6 +64,8 @@ def compile_variant(fn, dtype, constexprs, arch):
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             sig[n] = DTYPES[dtype] if n in INPUTS else "*fp32"
+        elif n in FLOATS:
+            sig[n] = "fp32"
         else:
             sig[n] = "i32"
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})

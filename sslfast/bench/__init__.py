@@ -10,6 +10,7 @@ renders the results.
 OPS = {
     "augment": "sslfast.bench.augment",
     "contrastive": "sslfast.bench.contrastive",
+    "dino": "sslfast.bench.dino",
     "ema": "sslfast.bench.ema",
     "queue": "sslfast.bench.queue",
 }

@@ -18,6 +18,7 @@ from sslfast import functional
 from sslfast.reference import (
     augment_reference,
     clip_reference,
+    dino_reference,
     ema_reference,
     enqueue_reference,
     info_nce_reference,
@@ -107,6 +108,35 @@ def check_contrastive(device, quick=False):
     return rows
 
 
+# ---- DINO ---------------------------------------------------------------------------------
+
+
+def _dino_case(case, n, k, dtype, device):
+    """The loss and the student gradients against the float64 definition."""
+    teacher = [torch.randn(n, k, device=device).to(dtype) for _ in range(2)]
+    student = [torch.randn(n, k, device=device).to(dtype).requires_grad_() for _ in range(10)]
+    center = 0.1 * torch.randn(1, 1, k, device=device)
+    out = functional.dino_loss(teacher, student, center, 0.04, 0.1)
+    grads = torch.autograd.grad(out, student)
+    s64 = [x.detach().double().requires_grad_() for x in student]
+    expected = dino_reference([x.double() for x in teacher], s64, center.double(), 0.04, 0.1)
+    ref_grads = torch.autograd.grad(expected, s64)
+    errors = [_rel_error(out, expected), _rel_error(torch.stack(grads), torch.stack(ref_grads))]
+    return _row("dino_loss", case, errors, TOLERANCE[dtype])
+
+
+def check_dino(device, quick=False):
+    large = (64, 65536) if device.type == "cuda" else (32, 16384)
+    n_large, k_large = (16, 8192) if quick else large
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    rows = []
+    for dtype in dtypes:
+        for n, k in ((3, 77), (n_large, k_large)):
+            case = f"T=2 S=10 N={n} K={k} {str(dtype)[6:]}"
+            rows.append(_guard("dino_loss", case, partial(_dino_case, case, n, k, dtype, device)))
+    return rows
+
+
 # ---- EMA ----------------------------------------------------------------------------------
 
 
@@ -187,8 +217,8 @@ def check_augment(device, quick=False):
     return rows
 
 
-CHECKS = {"augment": check_augment, "contrastive": check_contrastive, "ema": check_ema,
-          "queue": check_queue}
+CHECKS = {"augment": check_augment, "contrastive": check_contrastive, "dino": check_dino,
+          "ema": check_ema, "queue": check_queue}
 
 
 def run_checks(ops, device, quick=False, progress=None):

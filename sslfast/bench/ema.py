@@ -107,11 +107,7 @@ def _providers(model, case, device):
 
 
 def run(device, quick=False, write=True, progress=None, ceil=None, models=None):
-    env = harness.environment(device)
-    print(f"EMA benchmark on {env['device']} (torch {env['torch']})")
-    ceil = ceil or harness.ceilings(device, quick)
-    print(f"  memory bandwidth: copy {ceil['copy_gbps']:.1f} GB/s, in-place add "
-          f"{ceil['add_gbps']:.1f} GB/s")
+    env, ceil = harness.bandwidth_bench_start(device, quick, "EMA", ceil)
     records = []
     bases = {}
     for name, case in cases(device, quick, models):

@@ -291,6 +291,16 @@ def matmul_bench_start(device, quick, title, ceil=None):
     return env, ceil, peak_key
 
 
+def bandwidth_bench_start(device, quick, title, ceil=None):
+    """(environment, ceilings) for a memory-bound benchmark, the bandwidths printed."""
+    env = environment(device)
+    print(f"{title} benchmark on {env['device']} (torch {env['torch']})")
+    ceil = ceil or ceilings(device, quick)
+    print(f"  memory bandwidth: copy {ceil['copy_gbps']:.1f} GB/s, in-place add "
+          f"{ceil['add_gbps']:.1f} GB/s")
+    return env, ceil
+
+
 def trial_runs(fns):
     """One call of each provider first: one that runs out of GPU memory or fails
     is recorded ({"oom": True} / {"error": ...}) and removed from ``fns``."""

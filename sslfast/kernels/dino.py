@@ -1,0 +1,262 @@
+"""Triton kernels for the DINO loss (SEMANTICS.md §7): one pass over K per row.
+
+Teacher crops t (T, N, K), student crops s (S, N, K), center c (K,):
+
+    P_a = softmax((t_a - c) / tau_t),  x_b = s_b / tau_s,  Q_b = sum_{a != b} P_a,
+    count_b = T - [b < T]
+    term_bn = count_b * lse(x_bn) - Q_bn . x_bn        loss = sum(term) / (n_terms N)
+    d loss / d s_b = (count_b * softmax(x_b) - Q_b) / (tau_s n_terms N)
+
+(because sum_k P_a = 1). Q is rebuilt from the teacher rows and their lse in every
+pass and never stored; nothing per crop pair exists. All math in float32, in log2
+units; the lse handed from the forward to the backward stay in log2 units (a round
+trip through ln 2 would shift a one-hot row's top probability at large logits).
+Launchers take plain tensors; autograd lives in the ops layer.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dino_forward", "dino_backward"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LN2 = 0.6931471805599453
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A row of K = 65536 is walked in 32 blocks; 8 warps keep 8 fp32 lanes per thread per
+# operand in flight. The interpreter's small block exercises the masking.
+_GPU_CONFIG = {"BLOCK_K": 2048, "num_warps": 8}
+_INTERPRET_CONFIG = {"BLOCK_K": 32, "num_warps": 4}
+_MIN_SPLIT_COLS = 8192
+
+
+@triton.jit
+def _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale):
+    """Q_b on the columns offs: the sum over teachers a != b of P_a (0 off the mask);
+    t_scale = log2(e) / tau_t, lse_t in log2 units."""
+    c = tl.load(c_ptr + offs, mask=ok, other=0.0)
+    q = tl.zeros_like(c)  # float32: the launcher converts the center
+    for a in range(0, T):
+        if a != b:
+            row = (a * N + n).to(tl.int64)
+            t = tl.load(t_ptr + row * K + offs, mask=ok, other=float("-inf")).to(tl.float32)
+            q += tl.exp2((t - c) * t_scale - tl.load(lse_t_ptr + row))
+    return q
+
+
+@triton.jit
+def _dino_teacher_lse_kernel(t_ptr, c_ptr, inv_tt_ptr, lse_ptr, K, BLOCK_K: tl.constexpr):
+    """One program per teacher row (a * N + n): lse((t - c) / tau_t), in log2 units."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row = tl.program_id(0)
+    t_row = t_ptr + row.to(tl.int64) * K
+    t_scale = tl.load(inv_tt_ptr) * LOG2E
+    m = tl.full([], float("-inf"), tl.float32)
+    l_sum = tl.zeros([], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        ok = offs < K
+        t = tl.load(t_row + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        c = tl.load(c_ptr + offs, mask=ok, other=0.0)
+        z = (t - c) * t_scale
+        # every block holds a column (k0 < K): m_new is finite, m - m_new never -inf - -inf
+        m_new = tl.maximum(m, tl.max(z, 0))
+        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new), 0)
+        m = m_new
+    tl.store(lse_ptr + row, m + tl.log2(l_sum))
+
+
+@triton.jit
+def _dino_fwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, term_ptr, part_ptr,
+                     T, S, N, K, inv_ts, cols_per_split,
+                     SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per (student crop b, row n, column split): the online lse of x_b and
+    D = sum_k Q_b (x_b - m), m the running max (rescaled as m grows, by the Q mass seen).
+    SPLIT: stores (m, l, D, sum Q) in log2 units to part (splits, S, N, 4) for the
+    launcher to combine; else lse_s and term themselves."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    b = tl.program_id(0)  # fastest: the S programs of a row run together and share its
+    n = tl.program_id(1)  # teacher rows in L2
+    split = tl.program_id(2)
+    k_begin = split * cols_per_split
+    k_end = tl.minimum(K, k_begin + cols_per_split)
+    s_row = s_ptr + (b * N + n).to(tl.int64) * K
+    t_scale = tl.load(inv_tt_ptr) * LOG2E
+    x_scale = inv_ts * LOG2E
+    m = tl.full([], float("-inf"), tl.float32)
+    l_sum = tl.zeros([], dtype=tl.float32)
+    d = tl.zeros([], dtype=tl.float32)
+    q_mass = tl.zeros([], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        ok = offs < k_end
+        x = tl.load(s_row + offs, mask=ok, other=float("-inf")).to(tl.float32) * x_scale
+        q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
+        m_new = tl.maximum(m, tl.max(x, 0))  # finite: the block holds a column
+        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), 0)
+        # where(): before the first block m = -inf and q_mass = 0 (inf * 0)
+        d = d - tl.where(q_mass > 0, (m_new - m) * q_mass, 0.0)
+        d += tl.sum(tl.where(ok, q * (x - m_new), 0.0), 0)
+        q_mass += tl.sum(q, 0)
+        m = m_new
+    if SPLIT:
+        part = part_ptr + ((split * S + b) * N + n).to(tl.int64) * 4
+        tl.store(part, m)
+        tl.store(part + 1, l_sum)
+        tl.store(part + 2, d)
+        tl.store(part + 3, q_mass)
+    else:
+        count = T - (b < T).to(tl.int32)
+        # term = count (m + log l_sum) - Q.x = count log l_sum - D: m cancels unrounded
+        tl.store(lse_s_ptr + b * N + n, m + tl.log2(l_sum))
+        tl.store(term_ptr + b * N + n, (count * tl.log2(l_sum) - d) * LN2)
+
+
+@triton.jit
+def _dino_bwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_ptr, ds_ptr,
+                     T, N, K, inv_ts, coef, cols_per_split, BLOCK_K: tl.constexpr):
+    """One program per (student crop b, row n, column split):
+    ds_b = g * coef * (count_b * softmax(x_b) - Q_b), coef = 1 / (tau_s n_terms N),
+    stored in the student's dtype."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    b = tl.program_id(0)
+    n = tl.program_id(1)
+    split = tl.program_id(2)
+    k_begin = split * cols_per_split
+    k_end = tl.minimum(K, k_begin + cols_per_split)
+    row = (b * N + n).to(tl.int64)
+    t_scale = tl.load(inv_tt_ptr) * LOG2E
+    x_scale = inv_ts * LOG2E
+    lse2 = tl.load(lse_s_ptr + row)
+    scale = tl.load(g_ptr).to(tl.float32) * coef
+    count = (T - (b < T).to(tl.int32)).to(tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        ok = offs < k_end
+        x = tl.load(s_ptr + row * K + offs, mask=ok, other=0.0).to(tl.float32) * x_scale
+        q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
+        ds = scale * (count * tl.exp2(x - lse2) - q)
+        tl.store(ds_ptr + row * K + offs, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _config(config):
+    if config is None:
+        return _INTERPRET_CONFIG if _INTERPRET else _GPU_CONFIG
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+    v = config.get("BLOCK_K")
+    if not isinstance(v, int) or v < 16 or v & (v - 1):
+        raise ValueError(f"config['BLOCK_K'] must be a power of two >= 16, got {v!r}")
+    return {"BLOCK_K": v, "num_warps": config.get("num_warps", 4)}
+
+
+def _split_plan(S, N, K, block, splits, device):
+    """(splits, columns per split): enough (b, n, split) programs for about four per SM,
+    each split at least _MIN_SPLIT_COLS columns, a multiple of the block, none empty."""
+    if splits is None:
+        splits = 1
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = max(1, min(triton.cdiv(4 * sms, S * N), K // _MIN_SPLIT_COLS))
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be None or a positive int, got {splits!r}")
+    per = triton.cdiv(triton.cdiv(K, splits), block) * block
+    return triton.cdiv(K, per), per
+
+
+def _check(teacher, student, center):
+    for name, x in (("teacher", teacher), ("student", student)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor (crops, N, K)")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if teacher.shape[1:] != student.shape[1:] or teacher.shape[0] == 0 or student.shape[0] == 0:
+        raise ValueError(f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} "
+                         "must be (T, N, K) and (S, N, K) with T, S >= 1")
+    if teacher.device != student.device or center.device != student.device:
+        raise ValueError("teacher, student and center must be on one device")
+    if student.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got "
+                         f"{student.device}")
+    if center.numel() != student.shape[2]:
+        raise ValueError(f"center has {center.numel()} elements, expected K={student.shape[2]}")
+    return (teacher.contiguous(), student.contiguous(),
+            center.reshape(-1).to(torch.float32).contiguous())
+
+
+def _scalar(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.full((), float(x), dtype=torch.float32, device=device)  # no copy, no sync
+
+
+def _counts(T, S, device):
+    """count_b = T - [b < T]: the teachers each student crop is compared with."""
+    return T - (torch.arange(S, device=device) < T).to(torch.float32)
+
+
+def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, config=None,
+                 splits=None):
+    """(lse_t (T, N), lse_s (S, N), term (S, N)), float32, with
+    loss = term.sum() / (n_terms N), n_terms = T S - min(T, S); lse_t and lse_s (for
+    dino_backward) in log2 units: log2 sum_k 2^(z_k log2 e) = lse(z) log2 e.
+
+    teacher (T, N, K), student (S, N, K): float32/bfloat16/float16; center: K elements;
+    inv_teacher_temp: 1 / tau_t, a float or a 0-dim tensor (read on the device);
+    student_temp: a float. config: None or {"BLOCK_K", "num_warps"}; splits: None
+    (cut K when the (b, n) programs alone cannot fill the GPU) or a count.
+    """
+    teacher, student, center = _check(teacher, student, center)
+    (T, N, K), S = teacher.shape, student.shape[0]
+    dev = student.device
+    cfg = _config(config)
+    inv_tt = _scalar(inv_teacher_temp, dev)
+    lse_t = torch.empty((T, N), dtype=torch.float32, device=dev)
+    _dino_teacher_lse_kernel[(T * N,)](teacher, center, inv_tt, lse_t, K,
+                                       BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    n_splits, per = _split_plan(S, N, K, cfg["BLOCK_K"], splits, dev)
+    lse_s = torch.empty((S, N), dtype=torch.float32, device=dev)
+    term = torch.empty((S, N), dtype=torch.float32, device=dev)
+    part = torch.empty((n_splits, S, N, 4) if n_splits > 1 else (1,), dtype=torch.float32,
+                       device=dev)
+    _dino_fwd_kernel[(S, N, n_splits)](
+        teacher, student, center, inv_tt, lse_t, lse_s, term, part,
+        T, S, N, K, 1.0 / float(student_temp), per,
+        SPLIT=n_splits > 1, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    if n_splits > 1:
+        m_i, l_i, d_i, q_i = part.unbind(-1)
+        m = m_i.amax(dim=0)
+        log2_l = torch.log2((l_i * torch.exp2(m_i - m)).sum(dim=0))
+        d = (d_i - (m - m_i) * q_i).sum(dim=0)  # each split's D moved to the global max
+        lse_s = m + log2_l
+        term = (_counts(T, S, dev)[:, None] * log2_l - d) * _LN2
+    return lse_t, lse_s, term
+
+
+def dino_backward(teacher, student, center, inv_teacher_temp, student_temp, lse_t, lse_s, grad,
+                  *, config=None, splits=None):
+    """d (grad * loss) / d student, (S, N, K) in the student's dtype; lse_t, lse_s from
+    dino_forward; grad: the upstream gradient, a float or a 0-dim tensor (read on the
+    device)."""
+    teacher, student, center = _check(teacher, student, center)
+    (T, N, K), S = teacher.shape, student.shape[0]
+    dev = student.device
+    cfg = _config(config)
+    for name, x, shape in (("lse_t", lse_t, (T, N)), ("lse_s", lse_s, (S, N))):
+        if x.shape != shape or x.dtype != torch.float32 or x.device != dev:
+            raise ValueError(f"{name} must be float32 of shape {shape} on {dev}")
+    n_terms = T * S - min(T, S)
+    ds = torch.empty_like(student)
+    n_splits, per = _split_plan(S, N, K, cfg["BLOCK_K"], splits, dev)
+    _dino_bwd_kernel[(S, N, n_splits)](
+        teacher, student, center, _scalar(inv_teacher_temp, dev), lse_t.contiguous(),
+        lse_s.contiguous(), _scalar(grad, dev), ds,
+        T, N, K, 1.0 / float(student_temp), 1.0 / (float(student_temp) * n_terms * N), per,
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return ds
