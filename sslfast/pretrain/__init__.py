@@ -1,0 +1,1 @@
+"""Pretraining: self-supervised methods, data, kNN evaluation and the command line."""

@@ -1,0 +1,5 @@
+import sys
+
+from sslfast.pretrain.cli import main
+
+sys.exit(main())

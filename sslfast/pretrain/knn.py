@@ -1,0 +1,171 @@
+"""Weighted k-nearest-neighbour evaluation of a backbone (InstDisc, Wu et al. 2018).
+
+The usual monitor of self-supervised training: features of the training set form
+the bank, each test image votes over its ``k`` most cosine-similar bank entries
+with weights ``exp(sim / t)``. Single process: under torch.distributed the caller
+evaluates on rank 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslfast.pretrain.data import decode_images, make_loader, stack_if_same_size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def knn_predict(
+    feature: torch.Tensor,
+    feature_bank: torch.Tensor,
+    feature_labels: torch.Tensor,
+    num_classes: int,
+    knn_k: int = 200,
+    knn_t: float = 0.1,
+) -> torch.Tensor:
+    """Classes ranked by weighted kNN vote, ``(B, num_classes)``, best first.
+
+    ``feature`` is ``(B, D)`` and ``feature_bank`` ``(D, M)``, both L2-normalized along
+    D; ``feature_labels`` is ``(M,)``. ``knn_k`` is clamped to ``M``. Same result as
+    ``lightly.utils.benchmarking.knn_predict`` without its ``(B·k, C)`` one-hot
+    tensor; votes are summed in float32 (``exp(1/t)`` overflows half precision).
+    """
+    if feature.dim() != 2 or feature_bank.dim() != 2:
+        raise ValueError(
+            f"feature must be (B, D) and feature_bank (D, M), got {tuple(feature.shape)} "
+            f"and {tuple(feature_bank.shape)}"
+        )
+    if feature.shape[1] != feature_bank.shape[0]:
+        raise ValueError(
+            f"feature dim {feature.shape[1]} != feature_bank dim {feature_bank.shape[0]} "
+            "(feature_bank is (D, M))"
+        )
+    if feature_labels.numel() != feature_bank.shape[1]:
+        raise ValueError(
+            f"feature_labels has {feature_labels.numel()} entries, feature_bank "
+            f"{feature_bank.shape[1]} columns"
+        )
+    if feature_bank.shape[1] == 0:
+        raise ValueError("feature_bank is empty")
+    if knn_k < 1:
+        raise ValueError(f"knn_k must be >= 1, got {knn_k}")
+    if knn_t <= 0:
+        raise ValueError(f"knn_t must be > 0, got {knn_t}")
+    k = min(int(knn_k), feature_bank.shape[1])
+    sim = feature @ feature_bank  # (B, M)
+    sim_weight, sim_indices = sim.topk(k, dim=1)  # (B, k)
+    sim_labels = feature_labels.to(sim_indices.device).reshape(-1)[sim_indices]
+    weights = (sim_weight.float() / knn_t).exp()
+    scores = torch.zeros(feature.shape[0], num_classes, dtype=torch.float32, device=sim.device)
+    scores.scatter_add_(1, sim_labels, weights)
+    return scores.argsort(dim=1, descending=True)
+
+
+def _prepare(images, image_size: int, mean: torch.Tensor, std: torch.Tensor, channels_last):
+    """uint8 images (list or batch) → normalized float (B, 3, S, S)."""
+
+    def resize(x):  # (B, 3, H, W) float: shorter side to S, then centre crop
+        h, w = x.shape[-2:]
+        if (h, w) == (image_size, image_size):
+            return x
+        scale = image_size / min(h, w)
+        nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - image_size) // 2, (nw - image_size) // 2
+        return x[..., top : top + image_size, left : left + image_size]
+
+    batch = stack_if_same_size(images)
+    if isinstance(batch, torch.Tensor):
+        x = resize(batch.float())
+    else:
+        x = torch.cat([resize(img[None].float()) for img in batch])
+    x = (x / 255.0 - mean) / std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def extract_features(
+    backbone: nn.Module,
+    dataset,
+    device,
+    image_size: int,
+    batch_size: int = 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    channels_last: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalized float32 features ``(M, D)`` and int64 labels ``(M,)`` on ``device``.
+
+    Images are decoded on ``device``, resized (shorter side to ``image_size``,
+    antialiased bilinear, centre crop) where they differ from it, scaled to [0, 1]
+    and normalized with ``mean``/``std``. The backbone runs in eval mode under
+    ``no_grad`` and gets its training mode back afterwards; outputs are flattened.
+    """
+    device = torch.device(device)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    loader = make_loader(
+        dataset, batch_size, shuffle=False, drop_last=False, num_workers=num_workers
+    )
+    feats, labels = [], []
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            for encoded, y in loader:
+                x = _prepare(decode_images(encoded, device), image_size, mean_t, std_t,
+                             channels_last)
+                with torch.autocast(device.type, dtype=autocast_dtype,
+                                    enabled=autocast_dtype is not None):
+                    out = backbone(x)
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"backbone must return a tensor, got {type(out).__name__}")
+                feats.append(F.normalize(out.flatten(1).float(), dim=1))
+                labels.append(y.to(device))
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        raise ValueError("dataset is empty")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_accuracy(
+    backbone: nn.Module,
+    train_set,
+    test_set,
+    device,
+    image_size: int,
+    k: int = 200,
+    t: float = 0.1,
+    batch_size: int = 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    channels_last: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+) -> float:
+    """Top-1 accuracy in [0, 1] of weighted kNN on ``test_set`` with ``train_set`` as bank."""
+    kw = dict(batch_size=batch_size, mean=mean, std=std, channels_last=channels_last,
+              autocast_dtype=autocast_dtype, num_workers=num_workers)
+    bank, bank_labels = extract_features(backbone, train_set, device, image_size, **kw)
+    test, test_labels = extract_features(backbone, test_set, device, image_size, **kw)
+    classes = getattr(train_set, "classes", None)
+    num_classes = max(
+        len(classes) if classes is not None else 0,
+        int(bank_labels.max()) + 1,
+        int(test_labels.max()) + 1,
+    )
+    bank_t = bank.t().contiguous()
+    correct = 0
+    for lo in range(0, test.shape[0], batch_size):
+        pred = knn_predict(test[lo : lo + batch_size], bank_t, bank_labels, num_classes, k, t)
+        correct += int((pred[:, 0] == test_labels[lo : lo + batch_size]).sum())
+    return correct / test.shape[0]
