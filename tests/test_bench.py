@@ -131,6 +131,33 @@ def test_missing_provider_is_skipped_with_a_note(monkeypatch, capsys):
     assert capsys.readouterr().out.count("lightly not installed: skipped") == 2
 
 
+def test_pretrain_providers_train_the_same_model_and_the_step_checks():
+    """Both pretrain providers start from the same weights (built lazily, workers
+    only on the first step), and --check's step from JPEG bytes matches the float64
+    NT-Xent; without lightly only sslfast runs."""
+    from sslfast.bench import pretrain
+
+    case = pretrain.cases(CPU, True)[0]
+    tv, ours = pretrain.TorchvisionLightly(case, CPU), pretrain.Sslfast(case, CPU)
+    assert tv.loader is None and ours.loader is None
+    tv.start()
+    ours.start()
+    a, b = list(tv.model.parameters()), list(ours.method.encoder.parameters())
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    tv.close()
+    ours.close()
+    rows = pretrain.check(CPU, quick=True)
+    assert rows and all(r["ok"] for r in rows), rows
+
+
+def test_pretrain_without_lightly_runs_sslfast_only(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lightly.loss", None)  # import fails
+    from sslfast.bench import pretrain
+
+    assert set(pretrain.providers(pretrain.cases(CPU, True)[0], CPU)) == {"sslfast"}
+    assert "lightly not installed: skipped" in capsys.readouterr().out
+
+
 def test_harness_measures_and_records(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "RESULTS", str(tmp_path))
     x = torch.randn(1 << 16)

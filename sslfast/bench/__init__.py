@@ -13,4 +13,5 @@ OPS = {
     "dino": "sslfast.bench.dino",
     "ema": "sslfast.bench.ema",
     "queue": "sslfast.bench.queue",
+    "pretrain": "sslfast.bench.pretrain",
 }

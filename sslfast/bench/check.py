@@ -217,8 +217,14 @@ def check_augment(device, quick=False):
     return rows
 
 
+def check_pretrain(device, quick=False):
+    from sslfast.bench.pretrain import check  # it uses this module's helpers
+
+    return check(device, quick)
+
+
 CHECKS = {"augment": check_augment, "contrastive": check_contrastive, "dino": check_dino,
-          "ema": check_ema, "queue": check_queue}
+          "ema": check_ema, "queue": check_queue, "pretrain": check_pretrain}
 
 
 def run_checks(ops, device, quick=False, progress=None):

@@ -22,9 +22,10 @@ from sslfast.bench import harness
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # What a plot's x axis is for each op, and what else makes one line series.
 X_AXIS = {"contrastive": ("rows", "rows per view N"), "queue": ("rows", "queries N"),
-          "ema": ("numel", "elements"), "augment": ("rows", "images B")}
+          "ema": ("numel", "elements"), "augment": ("rows", "images B"),
+          "pretrain": ("rows", "images B")}
 GROUP_BY = {"contrastive": ("model", "dim", "queue", "dtype"), "queue": ("queue", "dim", "dtype"),
-            "ema": ("dtype",), "augment": ("model",)}
+            "ema": ("dtype",), "augment": ("model",), "pretrain": ("model",)}
 
 
 def load(results_dir=None):
@@ -58,6 +59,8 @@ def _figure(rs):
     """(unit, record key) of the figure a run reports."""
     if any("views_per_s" in r for r in rs):
         return "views/s", "views_per_s"
+    if any("images_per_s" in r for r in rs):
+        return "images/s", "images_per_s"
     return ("GB/s", "gbps") if any("gbps" in r for r in rs) else ("TFLOP/s", "tflops")
 
 
