@@ -14,7 +14,7 @@ import gc
 
 import torch
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
 
 
 def _libc():
@@ -62,6 +62,7 @@ def peak_memory(fn, device):
         torch.cuda.synchronize(device)
         return out, torch.cuda.max_memory_allocated(device) - base
     if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_MAX, 65536)  # glibc's default, whatever keep_freed_memory set
         _LIBC.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
         _LIBC.malloc_trim(0)
     try:
@@ -73,3 +74,15 @@ def peak_memory(fn, device):
     finally:
         if _LIBC is not None:
             _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+def keep_freed_memory():
+    """For CPU training loops: glibc serves large blocks (activations) with mmap and
+    unmaps them on free, so every step faults the same pages in again (on a 2-core
+    VM the kernel's time then rivals the model's). Keep them in the heap instead, and
+    do not trim it: a loop's steady working set stays resident. Returns whether it
+    took effect (glibc only)."""
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_MAX, 0)) and \
+        bool(_LIBC.mallopt(_M_TRIM_THRESHOLD, 2**30))

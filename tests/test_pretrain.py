@@ -196,3 +196,15 @@ def test_augment_option_changes_every_view(tmp_path, capsys):
     assert [c.output_size for c in dino_configs(32, 16, blur_p=0.0)] == [32, 32, 16]
     assert main(_args("byol", tmp_path / "r", "--no-knn", "--epochs", "1",
                       "--augment", "solarize_p=0")) == 0
+
+
+def test_keep_freed_memory_then_peak_memory_still_counts():
+    """The CLI keeps freed blocks in the heap on the CPU (no mmap churn per step);
+    peak_memory must still see a fresh allocation afterwards."""
+    from sslfast._memory import keep_freed_memory, peak_memory
+
+    keep_freed_memory()
+    _, peak = peak_memory(lambda: torch.ones(64 << 20, dtype=torch.uint8).sum(), "cpu")
+    if peak is None:
+        pytest.skip("the OS cannot reset the RSS peak")
+    assert peak >= 60 << 20

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sslfast import distributed
+from sslfast._memory import keep_freed_memory
 from sslfast.methods import METHODS
 from sslfast.pretrain import checkpoint
 from sslfast.pretrain.backbones import build_backbone, check_backbone
@@ -131,6 +132,8 @@ def pretrain(args):
         raise ValueError(f"--batch-size {s['batch_size']} is larger than the training set "
                          f"({len(train_set)} images)")
     device, owns_group = _init_distributed(device_type)
+    if device.type == "cpu":
+        keep_freed_memory()
     rank = distributed.rank()
     try:
         out_dir, resuming = _output_dir(args.output_dir, args.resume, s["method"])
