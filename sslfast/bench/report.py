@@ -103,10 +103,26 @@ def _ceiling_text(r):
     return f"matmul rate measured in the run {r['ceiling_tflops']:.2g} TFLOP/s"
 
 
+PRETRAIN_RUN = "pretrain_embedded"  # tools/pretrain_acceptance.py: one line per run
+
+
+def _pretrain_run_text(r):
+    return (f"**{r['op']}** on {r['device']}: torch {r['torch']}, commit `{r['commit']}`, "
+            f"{r['date']}: `python -m sslfast.pretrain {' '.join(r['args'])}` "
+            f"(`tools/pretrain_acceptance.py`) ran {r['steps']} steps "
+            f"({r['images_per_s']:.0f} images/s) in {r['wall_seconds']:.0f} s end to end; kNN "
+            f"accuracy (k = {r['knn_k']}) {100 * r['knn_accuracy']:.1f} % against "
+            f"{100 * r['random_init_knn_accuracy']:.1f} % for the same backbone at random "
+            f"init.\n")
+
+
 def render(records):
     parts = []
     for (op, device), rs in sorted(latest_runs(records).items()):
         r0 = rs[0]
+        if op == PRETRAIN_RUN:
+            parts.append(_pretrain_run_text(r0))
+            continue
         quick = " (quick run)" if r0.get("quick") else ""
         parts.append(
             f"**{op}** on {device}{quick}: torch {r0['torch']}, commit `{r0['commit']}`, "
@@ -243,6 +259,11 @@ def render_report(records, report_path, plots_dir=None):
         for op in sorted({r["op"] for r in records if r["device"] == device}):
             rs = latest[(op, device)]
             r0 = rs[0]
+            if op == PRETRAIN_RUN:
+                lines += [f"### {op}", ""]
+                lines += [_pretrain_run_text(r) for r in records
+                          if r["op"] == op and r["device"] == device]
+                continue
             quick = " (quick run)" if r0.get("quick") else ""
             lines += [f"### {op}{quick}", "",
                       f"torch {r0['torch']}, Triton {r0.get('triton')}, CUDA {r0.get('cuda')}, "
