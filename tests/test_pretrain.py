@@ -208,3 +208,49 @@ def test_keep_freed_memory_then_peak_memory_still_counts():
     if peak is None:
         pytest.skip("the OS cannot reset the RSS peak")
     assert peak >= 60 << 20
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--knn-k", "0"], "--knn-k must be >= 1"),
+    (["--knn-t", "0"], "--knn-t must be positive"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--hidden-dim", "-1"], "--hidden-dim must be >= 1"),
+    (["--max-images", "0"], "--max-images must be >= 1"),
+    (["--val-data", "."], "--val-data needs --data"),
+])
+def test_settings_checked_before_anything_runs(argv, message, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["--output-dir", str(out), *TINY, *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_from_a_checkpoint_file_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_args("simclr", out, "--no-knn", "--stop-after-step", "2")) == 0
+    monkeypatch.chdir(out)
+    assert main(_args("simclr", ".", "--no-knn", "--resume", "checkpoint.pt")[2:]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 8
+    # Resuming into another, non-empty folder is refused (nothing overwritten there).
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    assert main(_args("simclr", other, "--no-knn", "--resume", str(out))) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+
+
+def test_timm_vits_take_dino_local_crops():
+    pytest.importorskip("timm")
+    from sslfast.pretrain.backbones import build_backbone
+
+    vit = build_backbone("timm:vit_tiny_patch16_224")
+    assert vit(torch.zeros(1, 3, 96, 96)).shape == (1, vit.num_features)
+
+
+def test_dino_local_views_keep_their_crop_scale():
+    from sslfast.augment.config import dino_configs
+
+    g1, g2, local = dino_configs(32, 16, crop_scale=(0.2, 1.0), blur_p=0.0)
+    assert g1.crop_scale == g2.crop_scale == (0.2, 1.0)
+    assert local.crop_scale == (0.05, 0.4) and local.blur_p == 0.0

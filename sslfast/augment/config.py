@@ -140,11 +140,12 @@ def byol_configs(output_size=224, **changes):
             base.replace(**{"blur_p": 0.1, "solarize_p": 0.2, **changes}))
 
 
-def dino_configs(global_size=224, local_size=96, **changes):
-    """(global 1, global 2, local)."""
+def dino_configs(global_size=224, local_size=96, local_crop_scale=(0.05, 0.4), **changes):
+    """(global 1, global 2, local). ``changes`` apply to every view except that
+    ``crop_scale`` is the global views' (the local one is ``local_crop_scale``)."""
     base = AugmentConfig(output_size=global_size, crop_scale=(0.4, 1.0), brightness=0.4,
                          contrast=0.4, saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2)
     return (base.replace(**{"blur_p": 1.0, "solarize_p": 0.0, **changes}),
             base.replace(**{"blur_p": 0.1, "solarize_p": 0.2, **changes}),
-            base.replace(**{"crop_scale": (0.05, 0.4), "blur_p": 0.5, "solarize_p": 0.0,
-                            **changes, "output_size": local_size}))
+            base.replace(**{"blur_p": 0.5, "solarize_p": 0.0, **changes,
+                            "crop_scale": local_crop_scale, "output_size": local_size}))

@@ -75,8 +75,12 @@ def _sizes(batch_size, image_sizes, device):
         for hw in sizes:
             if len(tuple(hw)) != 2:
                 raise ValueError(f"image_sizes entries must be (height, width), got {hw!r}")
-        sizes = torch.tensor([[float(h), float(w)] for h, w in sizes], dtype=torch.float64,
-                             device=device).reshape(-1, 2)
+            if min(hw) < 1:
+                raise ValueError("image_sizes must be positive")
+        # Built on the host and copied without waiting: no sync per view in a training loop.
+        sizes = torch.tensor([[float(h), float(w)] for h, w in sizes], dtype=torch.float64)
+        sizes = sizes.reshape(-1, 2).to(device, non_blocking=True)
+        return sizes[:, 0], sizes[:, 1]
     if sizes.numel() and bool((sizes < 1).any()):
         raise ValueError("image_sizes must be positive")
     return sizes[:, 0], sizes[:, 1]

@@ -56,7 +56,8 @@ class BYOLAugment(ViewsAugment):
 
 class DINOAugment(ViewsAugment):
     """DINO: two global views (``global_size``) and ``n_local_views`` local ones
-    (``local_size``)."""
+    (``local_size``, crop scale ``local_crop_scale``, default (0.05, 0.4); a
+    ``crop_scale`` change is the global views')."""
 
     def __init__(self, n_local_views=8, global_size=224, local_size=96, generator=None,
                  **changes):

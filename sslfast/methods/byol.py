@@ -29,6 +29,7 @@ class BYOL(Method):
 
     def forward(self, views):
         x0, x1 = check_views(views, 2, "BYOL")[:2]
-        p0, p1 = self.predictor(self.encoder(torch.cat([x0, x1]))).chunk(2)
-        z0, z1 = self._teacher_forward(torch.cat([x0, x1])).chunk(2)
+        # One view per pass (BatchNorm statistics per view), as BYOL's and lightly's code.
+        p0, p1 = self.predictor(self.encoder(x0)), self.predictor(self.encoder(x1))
+        z0, z1 = self._teacher_forward(x0), self._teacher_forward(x1)
         return self.criterion(p0, z1.to(p0.dtype)) + self.criterion(p1, z0.to(p1.dtype))

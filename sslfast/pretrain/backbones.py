@@ -32,10 +32,18 @@ def check_backbone(name):
     except ImportError:
         timm = None
     if timm is not None and timm.is_model(timm_name):
-        return lambda: timm.create_model(timm_name, pretrained=False, num_classes=0)
+        return lambda: _timm_model(timm, timm_name)
     raise ValueError(
         f"--backbone: unknown model {name!r}; use one of {', '.join(TORCHVISION_RESNETS)}, "
         f"'tiny', or a timm model name{'' if timm is not None else ' (timm is not installed)'}")
+
+
+def _timm_model(timm, name):
+    # ViTs fix their input size unless asked not to (DINO's local crops are smaller).
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    except TypeError:  # models without that option
+        return timm.create_model(name, pretrained=False, num_classes=0)
 
 
 def _torchvision_resnet(name):

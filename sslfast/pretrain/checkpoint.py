@@ -13,8 +13,8 @@ from sslfast import distributed
 
 FORMAT = "sslfast-pretrain/1"
 # Settings that must match for a resumed run to continue the same run.
-RESUME_KEYS = ("method", "backbone", "image_size", "batch_size", "epochs", "world_size", "seed",
-               "optimizer", "lr", "weight_decay", "warmup_epochs", "method_kwargs")
+RESUME_KEYS = ("method", "backbone", "data", "image_size", "batch_size", "epochs", "world_size",
+               "seed", "optimizer", "lr", "weight_decay", "warmup_epochs", "method_kwargs")
 
 
 def rng_state(generator):

@@ -134,6 +134,21 @@ def settings_from_args(args, world_size):
                          f"{world_size}")
     if args.image_size is not None and args.image_size < 8:
         raise ValueError("--image-size must be >= 8")
+    if args.val_data is not None and args.data is None:
+        raise ValueError("--val-data needs --data (the embedded data brings its own test split)")
+    for name in ("max_images", "max_val_images", "knn_k", "hidden_dim", "output_dim",
+                 "queue_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.n_local_views is not None and args.n_local_views < 0:
+        raise ValueError("--n-local-views must be >= 0")
+    for name in ("knn_t", "temperature"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.momentum is not None and not 0 <= args.momentum <= 1:
+        raise ValueError("--momentum must be in [0, 1]")
     if args.checkpoint_every < 0 or args.num_workers < 0 or args.warmup_epochs < 0:
         raise ValueError("--checkpoint-every, --num-workers and --warmup-epochs must be >= 0")
     if args.lr is not None and args.lr <= 0:

@@ -348,6 +348,10 @@ def decode_images(encoded: Sequence[torch.Tensor], device) -> list[torch.Tensor]
     if device.type == "cuda":
         jpeg_idx = [i for i, b in enumerate(buffers) if _is_jpeg(b)]
         if jpeg_idx:
+            # nvJPEG may write on its own stream into blocks the caching allocator just
+            # freed from work still queued on ours (pytorch/vision#9606, torchcodec#1634):
+            # let that work finish first. The decode waits for its result anyway.
+            torch.cuda.current_stream(device).synchronize()
             try:
                 decoded = tvio.decode_jpeg([buffers[i] for i in jpeg_idx], device=device, mode=rgb)
             except RuntimeError:  # e.g. CMYK or corrupt-but-readable files: one by one on CPU

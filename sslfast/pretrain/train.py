@@ -69,14 +69,16 @@ def _datasets(s, max_images, max_val_images):
 
 def _output_dir(requested, resume, method):
     if resume:
-        return requested or (resume if os.path.isdir(resume) else os.path.dirname(resume)), True
+        run_dir = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
+        if requested is None or os.path.abspath(requested) == os.path.abspath(run_dir):
+            return run_dir, True
     if requested is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         requested = os.path.join("runs", f"{method}-{stamp}")
     if os.path.isdir(requested) and os.listdir(requested):
         raise FileExistsError(f"--output-dir {requested} is not empty; pass --resume to "
                               f"continue that run or choose another folder")
-    return requested, False
+    return requested, bool(resume)
 
 
 class _Log:
@@ -163,7 +165,9 @@ def _train(s, args, train_set, val_set, device, out_dir, ckpt):
             raise ValueError("--sync-bn on needs CUDA (torch's SyncBatchNorm is GPU-only)")
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         if method.teacher is not None:
-            method.teacher.set(method._student())  # re-pair the converted modules
+            # convert_sync_batchnorm keeps the Parameter objects, so the teacher's
+            # pairing still holds; set() makes teacher = student explicitly anyway.
+            method.teacher.set(method._student())
     if s["compile"]:
         method.backbone.compile()
     model = method
@@ -242,19 +246,20 @@ def _train(s, args, train_set, val_set, device, out_dir, ckpt):
         save()
     log.done()
     train_seconds = time.time() - t0
+    # The other ranks are done: they do not wait in a collective (NCCL would time out
+    # during a long evaluation) while rank 0 evaluates.
     if s["knn"] and rank == 0:
         if val_set is None:
             print("kNN evaluation skipped: pass --val-data (a labelled ImageFolder)")
         else:
             _knn(s, method, train_set, val_set, device, log, train_seconds)
-    if world > 1:
-        dist.barrier()
     return 0
 
 
 def _knn(s, method, train_set, val_set, device, log, train_seconds):
     kw = dict(k=s["knn_k"], t=s["knn_t"], channels_last=s["channels_last"],
-              autocast_dtype=torch.bfloat16 if s["bf16"] else None)
+              autocast_dtype=torch.bfloat16 if s["bf16"] else None,
+              num_workers=s["num_workers"])
     acc = knn_accuracy(method.backbone, train_set, val_set, device, s["image_size"], **kw)
     torch.manual_seed(s["seed"])  # the very weights training started from
     baseline = build_backbone(s["backbone"]).to(device)
