@@ -1,7 +1,10 @@
 """Backend choice per call: ``backend=`` wins, then ``SSLFAST_BACKEND``, then
 the device (CUDA tensors -> fused GPU kernel, CPU tensors -> CPU kernel)."""
 
+import functools
 import os
+
+import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
@@ -33,3 +36,16 @@ def resolve_backend(backend, device, op, implemented, gpu_default="cuda"):
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
     return backend
+
+
+def without_autocast(fn):
+    """For custom-op bodies: they compute in their inputs' dtypes with float32
+    accumulation by design, so an enclosing ``torch.autocast`` must not recast the
+    matmuls inside them (on the CPU it would also break their ``out=`` buffers)."""
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return body

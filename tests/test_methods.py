@@ -268,3 +268,31 @@ def test_methods_survive_deepcopy_and_state_dict_round_trip():
     clone.load_state_dict(copy.deepcopy(method.state_dict()))
     for k, v in method.state_dict().items():
         assert torch.equal(clone.state_dict()[k], v), k
+
+
+def test_losses_ignore_an_enclosing_autocast():
+    """bf16 training wraps the loss in torch.autocast: the fused ops keep their own
+    precision (and on the CPU their out= buffers), inside or outside it."""
+    from sslfast.functional import clip_loss, dino_loss, info_nce_loss, ntxent_loss
+
+    a, b = torch.randn(12, 16, dtype=torch.bfloat16), torch.randn(12, 16, dtype=torch.bfloat16)
+    queue = torch.randn(40, 16, dtype=torch.bfloat16)
+    t = [torch.randn(5, 32, dtype=torch.bfloat16) for _ in range(2)]
+    s = [torch.randn(5, 32, dtype=torch.bfloat16) for _ in range(3)]
+    losses = {
+        "ntxent": lambda x, y: ntxent_loss(x, y, 0.2),
+        "moco": lambda x, y: info_nce_loss(x, y, queue=queue, temperature=0.2),
+        "mocov3": lambda x, y: info_nce_loss(x, y, temperature=0.2),
+        "clip": lambda x, y: clip_loss(x, y, 10.0),
+        "dino": lambda x, y: dino_loss(t, [x[:5, :16].repeat(1, 2), *s[1:]], torch.zeros(32)),
+    }
+    for name, fn in losses.items():
+        results = []
+        for enabled in (False, True):
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                loss = fn(x, y)
+                loss.backward()
+            results.append((loss.detach(), x.grad))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0, msg=name)

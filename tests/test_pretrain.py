@@ -254,3 +254,8 @@ def test_dino_local_views_keep_their_crop_scale():
     g1, g2, local = dino_configs(32, 16, crop_scale=(0.2, 1.0), blur_p=0.0)
     assert g1.crop_scale == g2.crop_scale == (0.2, 1.0)
     assert local.crop_scale == (0.05, 0.4) and local.blur_p == 0.0
+
+
+def test_bf16_autocast_on_the_cpu(tmp_path):
+    assert main(_args("mocov2", tmp_path / "r", "--no-knn", "--epochs", "1",
+                      "--precision", "bf16")) == 0

@@ -25,7 +25,7 @@ from typing import List, Tuple  # noqa: UP035 - torch.library reads these
 
 import torch
 
-from sslfast._backend import resolve_backend
+from sslfast._backend import resolve_backend, without_autocast
 from sslfast.reference.dino import dino_reference
 
 _CPU_BLOCK_ELEMS = 1 << 22  # 16 MiB of float32 temporaries per block of rows
@@ -104,6 +104,7 @@ def _cpu_forward(teacher, student, center, teacher_temp, student_temp, need_grad
 
 
 @torch.library.custom_op("sslfast::dino_loss", mutates_args=())
+@without_autocast
 def dino_loss_op(
     teacher: List[torch.Tensor],  # noqa: UP006
     student: List[torch.Tensor],  # noqa: UP006
@@ -152,6 +153,7 @@ def _(teacher, student, center, teacher_temp, student_temp, backend, need_grad):
 
 
 @torch.library.custom_op("sslfast::dino_loss_backward", mutates_args=())
+@without_autocast
 def dino_loss_backward(
     teacher: List[torch.Tensor],  # noqa: UP006
     student: List[torch.Tensor],  # noqa: UP006

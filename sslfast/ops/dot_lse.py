@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from sslfast._backend import without_autocast
 from sslfast.reference.dot_lse import dot_lse_reference
 
 _CPU_BLOCK_ELEMS = 1 << 22  # 16 MiB of float32 logits per block
@@ -164,6 +165,7 @@ def _cpu_pair(x, y, scale, need_dx, need_dy, need_ds):
 
 
 @torch.library.custom_op("sslfast::dot_lse_mean", mutates_args=())
+@without_autocast
 def dot_lse_mean(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -231,6 +233,7 @@ def _(q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds, sy
 
 
 @torch.library.custom_op("sslfast::dot_lse_backward", mutates_args=())
+@without_autocast
 def dot_lse_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -394,6 +397,7 @@ def dot_lse(q, k, scale, exclude_offset=None, extra=None, backend="cpu"):
 
 
 @torch.library.custom_op("sslfast::dot_lse_pair_mean", mutates_args=())
+@without_autocast
 def dot_lse_pair_mean(
     x: torch.Tensor,
     y: torch.Tensor,
