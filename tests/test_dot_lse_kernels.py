@@ -237,9 +237,12 @@ def test_configs_agree(dtype):
         lse = dot_lse_forward(q, k, scale, 4, ex, config=cfg)
         outs.append((lse, *dot_lse_backward(q, k, scale, lse, g, 4, config=cfg)))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # Relative to the terms summed into each result: dscale is a sum of terms of both signs,
+    # so its own value can be far below them (its rounding differs between configs).
+    _, mags = reference(q, k, scale, 4, ex, g)
     for other in outs[1:]:
-        for x, y, what in zip(outs[0], other, ("lse", "dq", "dk", "dscale")):
-            assert_rel(y, x, tol, x.abs().max(), what)
+        for x, y, what, mag in zip(outs[0], other, ("lse", "dq", "dk", "dscale"), mags):
+            assert_rel(y, x, tol, mag, what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -266,9 +269,12 @@ def test_column_splits_agree(dtype, R, C, D, exclude_offset, extra):
         assert_rel(dk, r_dk, g_rtol, mags[2], "dk")
         assert_rel(ds, r_ds, g_rtol, mags[3], "dscale")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # Relative to the terms summed into each result: dscale is a sum of terms of both signs,
+    # so its own value can be far below them (its rounding differs between configs).
+    _, mags = reference(q, k, scale, 4, ex, g)
     for other in outs[1:]:
-        for x, y, what in zip(outs[0], other, ("lse", "dq", "dk", "dscale")):
-            assert_rel(y, x, tol, x.abs().max(), what)
+        for x, y, what, mag in zip(outs[0], other, ("lse", "dq", "dk", "dscale"), mags):
+            assert_rel(y, x, tol, mag, what)
 
 
 def test_column_splits_two_sided():
