@@ -96,16 +96,7 @@ def providers(case, device):
             except ImportError:
                 print("  inf_cl not installed: skipped")
         out["sslfast"] = lambda: functional.clip_loss(a, b, scale)
-    leaves = [a, b]
-
-    def step(fn):
-        def run():
-            for x in leaves:
-                x.grad = None
-            fn().backward()
-        return run
-
-    return {name: step(fn) for name, fn in out.items()}
+    return harness.backward_steps(out, [a, b])
 
 
 def run(device, quick=False, write=True, progress=None, ceil=None):

@@ -18,7 +18,6 @@ achieved GB/s is compared with the device's memory bandwidth measured in the sam
     python benchmarks/bench_dino.py [--quick] [--device cpu|cuda] [--no-write]
 """
 
-import contextlib
 
 import torch
 
@@ -70,8 +69,7 @@ def providers(case, device):
 
         lightly_loss = DINOLoss(k, teacher_temp=TEACHER_TEMP, student_temp=STUDENT_TEMP,
                                 center_momentum=MOMENTUM).to(device)
-        cast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+        cast = harness.autocast_to(device, dtype)
 
         def lightly_step():
             with cast:
@@ -83,15 +81,7 @@ def providers(case, device):
     ours = sslfast.DINOLoss(k, teacher_temp=TEACHER_TEMP, student_temp=STUDENT_TEMP,
                             center_momentum=MOMENTUM).to(device)
     out["sslfast"] = lambda: ours(teacher, student)
-
-    def step(fn):
-        def run():
-            for x in student:
-                x.grad = None
-            fn().backward()
-        return run
-
-    return {name: step(fn) for name, fn in out.items()}
+    return harness.backward_steps(out, student)
 
 
 def run(device, quick=False, write=True, progress=None, ceil=None):

@@ -9,6 +9,7 @@ environment variable ``SSLFAST_RESULTS``, else ``benchmarks/results`` of the
 source checkout sslfast runs from, else ``./benchmarks/results``.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -76,7 +77,7 @@ def environment(device):
     }
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -101,10 +102,13 @@ def time_ms(fn, device, quick=False):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+    return summary(times)
 
 
-def _summary(times):
+def summary(times):
+    """(median, 20th, 80th percentile) of a list of timings."""
+    if len(times) < 2:
+        return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
 
@@ -136,7 +140,7 @@ def measure_all(fns, device, quick=False, min_runs=5):
                 t0 = time.perf_counter()
                 fn()
                 runs[name].append((time.perf_counter() - t0) * 1e3)
-        times = {name: _summary(r) for name, r in runs.items()}
+        times = {name: summary(r) for name, r in runs.items()}
     return {
         name: {"median_ms": t[0], "p20_ms": t[1], "p80_ms": t[2], "peak_mem_bytes": peaks[name]}
         for name, t in times.items()
@@ -175,15 +179,18 @@ def ceilings(device, quick=False):
     return out
 
 
-def add_speedups(rows, reference="reference"):
+def add_speedups(rows, reference="reference", key="median_ms"):
     """speedup_vs_reference / speedup_vs_best_other (non-sslfast providers) and
-    mem_vs_reference on every row that ran; rows that ran out of memory are skipped."""
-    ok = [r for r in rows if "median_ms" in r]
+    mem_vs_reference on every row that ran; rows that ran out of memory are skipped.
+    key: the figure compared, a time (lower is better) or a rate ("..._per_s")."""
+    ok = [r for r in rows if key in r]
+    rate = key.endswith("_per_s")
+    speed = (lambda r: r[key]) if rate else (lambda r: 1 / r[key])
     ref = next((r for r in ok if r["provider"] == reference), None)
-    others = [r["median_ms"] for r in ok if not r["provider"].startswith("sslfast")]
+    others = [speed(r) for r in ok if not r["provider"].startswith("sslfast")]
     for r in ok:
-        r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
-        r["speedup_vs_best_other"] = min(others) / r["median_ms"] if others else None
+        r["speedup_vs_reference"] = speed(r) / speed(ref) if ref else None
+        r["speedup_vs_best_other"] = speed(r) / max(others) if others else None
         if ref and ref.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
             r["mem_vs_reference"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
 
@@ -299,6 +306,28 @@ def bandwidth_bench_start(device, quick, title, ceil=None):
     print(f"  memory bandwidth: copy {ceil['copy_gbps']:.1f} GB/s, in-place add "
           f"{ceil['add_gbps']:.1f} GB/s")
     return env, ceil
+
+
+def autocast_to(device, dtype):
+    """How providers that take fp32 weights (lightly's losses, torchvision models) run
+    at a low-precision dtype: under autocast; fp32 runs without."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def backward_steps(fns, leaves):
+    """{name: a call that clears the leaves' gradients, then runs fn and backpropagates
+    the loss it returns} for the loss providers of one case."""
+
+    def step(fn):
+        def run():
+            for x in leaves:
+                x.grad = None
+            fn().backward()
+        return run
+
+    return {name: step(fn) for name, fn in fns.items()}
 
 
 def trial_runs(fns):

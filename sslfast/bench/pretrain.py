@@ -44,11 +44,9 @@ pipeline is reported data-bound, else compute-bound.
     python benchmarks/bench_pretrain.py [--quick] [--device cpu|cuda] [--no-write]
 """
 
-import contextlib
 import functools
 import gc
 import os
-import statistics
 import time
 
 import torch
@@ -180,21 +178,11 @@ def torchvision_transform(cfg):
 
 
 def _backbone(name):
-    """torchvision's ResNet ``name`` without its classifier, or ``tiny``: a small
-    CNN for the quick pass (sslfast.pretrain.backbones.tiny_convnet, width 16)."""
-    if name == "tiny":
-        from sslfast.pretrain.backbones import tiny_convnet
+    """The pretraining command's backbone ``name`` (torchvision's ResNet without its
+    classifier), or for ``tiny`` its small CNN at width 16 (the quick pass)."""
+    from sslfast.pretrain.backbones import build_backbone, tiny_convnet
 
-        return tiny_convnet(16)
-    import torchvision
-
-    model = getattr(torchvision.models, name)()
-    model.fc = nn.Identity()
-    return model
-
-
-def _feature_dim(name):
-    return {"tiny": 64, "resnet18": 512, "resnet34": 512}.get(name, 2048)
+    return tiny_convnet(16) if name == "tiny" else build_backbone(name)
 
 
 def _encoded_images(case):
@@ -210,23 +198,19 @@ def model_flops(case):
     meta device; the loss, a few MFLOP, is left out)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from sslfast.methods import infer_feature_dim
     from sslfast.methods.heads import mlp
 
     name, batch, crop = case[:3]
     with torch.device("meta"):
         backbone = _backbone(name)
-        head = mlp([_feature_dim(name), 2048, 128], last_batch_norm=True)
+        head = mlp([infer_feature_dim(backbone, crop), 2048, 128], last_batch_norm=True)
         model = nn.Sequential(backbone, head)
         x = torch.empty(2 * batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
     model.to(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
     return counter.get_total_flops()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _Training:
@@ -239,8 +223,8 @@ class _Training:
         self.case, self.device = case, device
         self.loader = self.batches = self.last = None
         self.wait_s = 0.0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
+        self.autocast = harness.autocast_to(
+            device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     def _optimizer(self, params):
         return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-6)
@@ -304,11 +288,12 @@ class TorchvisionLightly(_Training):
         from lightly.models.modules import SimCLRProjectionHead
 
         from sslfast.augment import simclr_config
+        from sslfast.methods import infer_feature_dim
 
         name, batch, crop = self.case[:3]
         torch.manual_seed(0)
         backbone = _backbone(name)
-        head = SimCLRProjectionHead(_feature_dim(name), 2048, 128)
+        head = SimCLRProjectionHead(infer_feature_dim(backbone, crop), 2048, 128)
         self.model = nn.Sequential(backbone, head).to(self.device)
         self.model.to(memory_format=torch.channels_last)
         self.criterion = NTXentLoss(temperature=TEMPERATURE)
@@ -378,13 +363,6 @@ def providers(case, device):
 # ---- timing -------------------------------------------------------------------------------
 
 
-def _quantiles(values):
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), q[1], q[7]
-
-
 def measure(training, device, warmup, steps, chunk):
     """The figures of one provider (see the module's docstring); closes it."""
     from sslfast._memory import peak_memory
@@ -395,7 +373,7 @@ def measure(training, device, warmup, steps, chunk):
     def timed():
         for _ in range(warmup):  # starts the workers, autotunes, fills the loader's queue
             training()
-        _sync(device)
+        harness.sync(device)
         training.wait_s = 0.0
         per_step, done = [], 0
         start = time.perf_counter()
@@ -404,12 +382,12 @@ def measure(training, device, warmup, steps, chunk):
             t0 = time.perf_counter()
             for _ in range(n):
                 training()
-            _sync(device)
+            harness.sync(device)
             per_step.append((time.perf_counter() - t0) * 1e3 / n)
             done += n
         seconds = time.perf_counter() - start
         out["images_per_s"] = steps * batch / seconds
-        out["median_ms"], out["p20_ms"], out["p80_ms"] = _quantiles(per_step)
+        out["median_ms"], out["p20_ms"], out["p80_ms"] = harness.summary(per_step)
         out["loader_wait_share"] = training.wait_s / seconds
         out["workers_uss_bytes"] = training.workers_uss_bytes()
 
@@ -425,7 +403,7 @@ def measure(training, device, warmup, steps, chunk):
         t0 = time.perf_counter()
         for _ in range(n_only):
             training.step_only()
-        _sync(device)
+        harness.sync(device)
         out["step_images_per_s"] = n_only * batch / (time.perf_counter() - t0)
     finally:
         training.close()
@@ -434,19 +412,6 @@ def measure(training, device, warmup, steps, chunk):
     out["data_bound_share"] = max(0.0, 1 - out["images_per_s"] / out["step_images_per_s"])
     out["bound"] = "data" if out["data_bound_share"] > 0.1 else "compute"
     return out
-
-
-def _speedups(rows, reference="torchvision_lightly"):
-    """Speedups in images/s (over the reference and the best other provider) and
-    the peak memory against the reference's."""
-    ok = [r for r in rows if "images_per_s" in r]
-    ref = next((r for r in ok if r["provider"] == reference), None)
-    others = [r["images_per_s"] for r in ok if not r["provider"].startswith("sslfast")]
-    for r in ok:
-        r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"] if ref else None
-        r["speedup_vs_best_other"] = r["images_per_s"] / max(others) if others else None
-        if ref and ref.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
-            r["mem_vs_reference"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
 
 
 COLUMNS = ["provider", "images_per_s", "median_ms", "p20_ms", "p80_ms", "step_images_per_s",
@@ -491,7 +456,7 @@ def run(device, quick=False, write=True, progress=None, ceil=None):
                 r["tflops"] = flops * m["images_per_s"] / batch / 1e12
                 r["pct_of_peak"] = 100 * r["tflops"] / ceil[peak_key]
             rows.append(r)
-        _speedups(rows)
+        harness.add_speedups(rows, "torchvision_lightly", key="images_per_s")
         print(f"\n  {shape}, {dtype}, {workers} loader workers, {steps} timed steps")
         harness.print_table(rows, COLUMNS)
         for r in rows:

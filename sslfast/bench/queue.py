@@ -19,7 +19,6 @@ are counted (torch.cuda.set_sync_debug_mode) and recorded as host_syncs.
     python benchmarks/bench_queue.py [--quick] [--device cpu|cuda] [--no-write]
 """
 
-import contextlib
 import warnings
 
 import torch
@@ -77,8 +76,7 @@ def providers(case, device):
 
         lightly_loss = NTXentLoss(TEMPERATURE, memory_bank_size=(k, d)).to(device)
         lightly_loss.memory_bank.bank.copy_(init)
-        cast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+        cast = harness.autocast_to(device, dtype)
 
         def lightly_step():
             with cast:
@@ -97,14 +95,7 @@ def providers(case, device):
         return loss
 
     out["sslfast"] = sslfast_step
-
-    def step(fn):
-        def run():
-            a.grad = None
-            fn().backward()
-        return run
-
-    return {name: step(fn) for name, fn in out.items()}
+    return harness.backward_steps(out, [a])
 
 
 def count_host_syncs(fn):

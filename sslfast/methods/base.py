@@ -79,10 +79,7 @@ class Method(nn.Module):
         if self.teacher is None:
             return
         self.momentum = cosine_schedule(step, max_steps, self.base_momentum, 1.0)
-        self.teacher.update(self._student(), decay=self.momentum)
-
-    def _student(self):
-        return self.encoder
+        self.teacher.update(self.encoder, decay=self.momentum)
 
     @torch.no_grad()
     def _teacher_forward(self, x):

@@ -26,6 +26,7 @@ from typing import List, Tuple  # noqa: UP035 - torch.library reads these
 import torch
 
 from sslfast._backend import resolve_backend, without_autocast
+from sslfast.ops._contrastive import check_features
 from sslfast.reference.dino import dino_reference
 
 _CPU_BLOCK_ELEMS = 1 << 22  # 16 MiB of float32 temporaries per block of rows
@@ -237,17 +238,10 @@ def _crop_list(x, name):
 
 def _check_crop(x, name, first, first_name, teacher0):
     """x: a floating (N, K) tensor, N, K >= 1, of first's dtype, on teacher_out[0]'s
-    device and of its shape."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    device and of its shape. Finiteness is checked only if the loss is not finite."""
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 in x.shape:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if x.dtype != first.dtype:
-        raise TypeError(f"{name} is {x.dtype} but {first_name} is {first.dtype}")
+    check_features(x, name, first, first_name, finite=False)
     if x.device != teacher0.device:
         raise ValueError(f"{name} is on {x.device} but teacher_out[0] is on {teacher0.device}")
     if x.shape != teacher0.shape:

@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslfast.augment.config import IMAGENET_MEAN, IMAGENET_STD
 from sslfast.pretrain.data import decode_images, make_loader, stack_if_same_size
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def knn_predict(
@@ -146,15 +144,12 @@ def knn_accuracy(
     k: int = 200,
     t: float = 0.1,
     batch_size: int = 256,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    channels_last: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    num_workers: int = 0,
+    **feature_kw,
 ) -> float:
-    """Top-1 accuracy in [0, 1] of weighted kNN on ``test_set`` with ``train_set`` as bank."""
-    kw = dict(batch_size=batch_size, mean=mean, std=std, channels_last=channels_last,
-              autocast_dtype=autocast_dtype, num_workers=num_workers)
+    """Top-1 accuracy in [0, 1] of weighted kNN on ``test_set`` with ``train_set`` as bank.
+    ``feature_kw``: the rest of ``extract_features``'s options (mean, std, channels_last,
+    autocast_dtype, num_workers)."""
+    kw = dict(batch_size=batch_size, **feature_kw)
     bank, bank_labels = extract_features(backbone, train_set, device, image_size, **kw)
     test, test_labels = extract_features(backbone, test_set, device, image_size, **kw)
     classes = getattr(train_set, "classes", None)

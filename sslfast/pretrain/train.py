@@ -43,15 +43,14 @@ def _device(name):
 def _init_distributed(device_type):
     """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU. Returns the
     device and whether this call initialized the process group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device(device_type, local) if device_type == "cuda" else \
-            torch.device("cpu"), False
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return (torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")), True
+    device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
 
 
 def _datasets(s, max_images, max_val_images):
@@ -163,11 +162,8 @@ def _train(s, args, train_set, val_set, device, out_dir, ckpt):
     if sync_bn:
         if device.type != "cuda":
             raise ValueError("--sync-bn on needs CUDA (torch's SyncBatchNorm is GPU-only)")
+        # In place; it keeps the Parameter objects, so the EMA teacher's pairing holds.
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        if method.teacher is not None:
-            # convert_sync_batchnorm keeps the Parameter objects, so the teacher's
-            # pairing still holds; set() makes teacher = student explicitly anyway.
-            method.teacher.set(method._student())
     if s["compile"]:
         method.backbone.compile()
     model = method
