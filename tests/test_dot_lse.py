@@ -96,14 +96,21 @@ def test_opcheck(backend):
                           (q.detach(), k.detach(), s.detach(), lse, torch.randn(5), 1, True, False, backend))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 def test_pair_opcheck_and_parity(backend):
     """CLIP's two directions over one logit matrix."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     x, y, s, _ = _inputs(6, 9, 5, torch.float32, False)
     y = y[:6].detach().requires_grad_()
     op = torch.ops.sslfast.dot_lse_pair_mean.default
     torch.library.opcheck(op, (x, y, s, backend, True, True, True))
     torch.library.opcheck(op, (x.detach(), y, s.detach(), backend, False, True, False))
+    lse_x, lse_y, g_x, g_y = (torch.randn(6) for _ in range(4))
+    for need_dy in (True, False):
+        torch.library.opcheck(torch.ops.sslfast.dot_lse_pair_backward.default,
+                              (x.detach(), y.detach(), s.detach(), lse_x, lse_y, g_x, g_y,
+                               backend, need_dy))
     from sslfast.ops.dot_lse import dot_lse_pair
 
     out = dot_lse_pair(x, y, s, backend)

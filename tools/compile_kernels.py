@@ -19,11 +19,12 @@ from triton.compiler import ASTSource, compile  # noqa: E402
 
 from sslfast.kernels import dino as DINO  # noqa: E402
 from sslfast.kernels import dot_lse as K  # noqa: E402
+from sslfast.kernels import dot_lse_pair as PAIR  # noqa: E402
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # The operands in the inputs' dtype (features; DINO's teacher/student outputs and
 # gradient); every other pointer is fp32, these scalars fp32, the rest int32.
-INPUTS = {"q_ptr", "k_ptr", "t_ptr", "s_ptr", "ds_ptr"}
+INPUTS = {"q_ptr", "k_ptr", "x_ptr", "y_ptr", "t_ptr", "s_ptr", "ds_ptr"}
 FLOATS = {"inv_ts", "coef"}
 
 
@@ -47,6 +48,12 @@ def variants(quick):
                                                      "DS_BOTH": False, **blocks}))
         out.append((K._dot_lse_bwd_dk_kernel, dt, {"HAS_EXCLUDE": True, "IEEE": ieee,
                                                      "NORM_G": dt == "fp16", **blocks}))
+        pair = {"BLOCK": 64, "BLOCK_D": 64, "SINGLE_D": sd, "IEEE": ieee}
+        for sym in (False, True):
+            for fn in (PAIR._dot_lse_pair_fwd_kernel, PAIR._dot_lse_pair_bwd_kernel):
+                out.append((fn, dt, {"SYMMETRIC": sym, "EXCLUDE_DIAG": sym, **pair}))
+        out.append((PAIR._dot_lse_pair_finalize_kernel, dt, {"EXCLUDE_DIAG": True, "IEEE": ieee,
+                                                              **blocks}))
     for dt in dtypes:
         block = {"BLOCK_K": DINO._GPU_CONFIG["BLOCK_K"]}
         out += [(DINO._dino_teacher_lse_kernel, dt, block),

@@ -1,6 +1,8 @@
 """Contrastive losses, forward + backward: sslfast against the materialized
 reference (in the same dtype), lightly's NTXentLoss, and Inf-CL (GPU, where
-installed).
+installed). On the GPU, NT-Xent and CLIP also run as ``sslfast_deterministic``
+(under torch.use_deterministic_algorithms: the atomic-free one-direction
+kernels instead of the tile-pair ones).
 
 Cases (GPU; on the CPU the sizes are scaled down):
   ntxent    2N in {4096, 16384, 65536, 262144}, D in {128, 256}
@@ -23,7 +25,7 @@ from sslfast.reference import clip_reference, info_nce_reference, ntxent_referen
 
 OP = "contrastive"
 # Every provider the benchmark may run (those not installed are skipped with a note).
-PROVIDER_NAMES = ["reference", "lightly", "inf_cl", "sslfast"]
+PROVIDER_NAMES = ["reference", "lightly", "inf_cl", "sslfast", "sslfast_deterministic"]
 
 # (kind, rows per view N, D, queue K); NT-Xent has 2N rows and columns.
 GPU_CASES = (
@@ -96,7 +98,26 @@ def providers(case, device):
             except ImportError:
                 print("  inf_cl not installed: skipped")
         out["sslfast"] = lambda: functional.clip_loss(a, b, scale)
-    return harness.backward_steps(out, [a, b])
+    steps = harness.backward_steps(out, [a, b])
+    if device.type == "cuda" and kind != "moco":
+        steps["sslfast_deterministic"] = _deterministic(steps["sslfast"])
+    return steps
+
+
+def _deterministic(step):
+    """step under torch.use_deterministic_algorithms: NT-Xent and CLIP then run the
+    atomic-free one-direction kernels instead of the tile-pair ones."""
+
+    def run():
+        prev = torch.are_deterministic_algorithms_enabled()
+        prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            step()
+        finally:
+            torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+    return run
 
 
 def run(device, quick=False, write=True, progress=None, ceil=None):

@@ -108,6 +108,30 @@ def _score_tile(k_ptr, c0, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res, off
 
 
 @triton.jit
+def _online_lse(k_ptr, c_begin, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res, offs_d,
+                exclude_offset, qk_scale, D, HAS_EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                SINGLE_D: tl.constexpr):
+    """Running (max, sum) in log2 units of a row tile over the columns [c_begin, c_end):
+    lse = ln(2) * (max + log2(sum)); max -inf and sum 0 for an empty set."""
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        cols, col_ok, k_cols_ptr, k_res, qk, ok = _score_tile(
+            k_ptr, c0, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res, offs_d, exclude_offset,
+            D, HAS_EXCLUDE, IEEE, BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
+        s = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # An all -inf row so far: shift by 0 instead of -inf so that -inf - -inf never occurs.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
 def _dot_lse_fwd_kernel(
     q_ptr, k_ptr, scale_ptr, extra_ptr, lse_ptr, part_m_ptr, part_l_ptr,
     R, C, stride_q, stride_k, exclude_offset, cols_per_split,
@@ -135,21 +159,9 @@ def _dot_lse_fwd_kernel(
     # the q tile stays resident across column tiles when D fits one chunk
     q_res = _resident_tile(q_rows_ptr, row_ok, offs_d, D,
                            tl.zeros([BLOCK_R, BLOCK_D], dtype=q_ptr.dtype.element_ty), SINGLE_D)
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(c_begin, c_end, BLOCK_C):
-        cols, col_ok, k_cols_ptr, k_res, qk, ok = _score_tile(
-            k_ptr, c0, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res, offs_d, exclude_offset,
-            D, HAS_EXCLUDE, IEEE, BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
-        s = tl.where(ok, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # An all -inf row so far: shift by 0 instead of -inf so that -inf - -inf never occurs.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-
+    m_i, l_i = _online_lse(k_ptr, c_begin, c_end, stride_k, rows, row_ok, q_rows_ptr, q_res,
+                           offs_d, exclude_offset, qk_scale, D, HAS_EXCLUDE, IEEE,
+                           BLOCK_R, BLOCK_C, BLOCK_D, SINGLE_D)
     if SPLIT:
         tl.store(part_m_ptr + pid_s * R + rows, m_i, mask=row_ok)
         tl.store(part_l_ptr + pid_s * R + rows, l_i, mask=row_ok)
@@ -406,10 +418,17 @@ _MIN_SPLIT_COLS = 1024
 _MAX_SPLITS = 32
 
 
-def _auto_splits(R, C, device):
+def _sm_count(device):
+    """The device's SM count; None off CUDA (the interpreter)."""
     if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_splits(R, C, device):
+    sms = _sm_count(device)
+    if sms is None:
         return 1  # the interpreter: tests pass splits explicitly
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(R, _NOMINAL_BLOCK_R)
     if tiles >= 2 * sms:
         return 1

@@ -8,10 +8,15 @@ tensors under ``TRITON_INTERPRET=1``), ``cpu`` (blocks of rows against all
 columns with the CPU's matmul, the gradients of the mean computed in the same
 pass; each block holds at most ``_CPU_BLOCK_ELEMS`` logits), ``reference`` (dense).
 
+Triton also has ``sslfast/kernels/dot_lse_pair.py``: both directions of one
+logit matrix with each tile visited once, used for NT-Xent on one process (the
+symmetric Z Z^T: only the tile pairs on and above the diagonal) and for CLIP.
+
 Registered as the custom ops ``sslfast::dot_lse_mean`` (one row set against one
 column set), ``sslfast::dot_lse_pair_mean`` (CLIP's two directions over one
-logit matrix) and ``sslfast::dot_lse_backward``, with fake implementations and
-autograd, so the losses built on them trace under ``torch.compile``.
+logit matrix), ``sslfast::dot_lse_backward`` and ``sslfast::dot_lse_pair_backward``,
+with fake implementations and autograd, so the losses built on them trace under
+``torch.compile``.
 """
 
 from typing import Optional, Tuple
@@ -27,6 +32,12 @@ IMPLEMENTED = ("triton", "cpu", "reference")
 
 def _kernels():
     from sslfast.kernels import dot_lse as kernels  # imports triton: only when used
+
+    return kernels
+
+
+def _pair_kernels():
+    from sslfast.kernels import dot_lse_pair as kernels  # imports triton: only when used
 
     return kernels
 
@@ -190,7 +201,11 @@ def dot_lse_mean(
         lse, dq, dk, ds = _cpu_forward(q, k, scale, exclude_offset, extra, need_dq, need_dk,
                                        need_ds)
     else:
-        if backend == "triton":
+        if backend == "triton" and symmetric and extra is None:
+            # each tile pair of the symmetric Z Z^T once
+            lse, _ = _pair_kernels().dot_lse_pair_forward(
+                q, None, scale, exclude_diagonal=exclude_offset == 0)
+        elif backend == "triton":
             lse = _kernels().dot_lse_forward(q, k, scale, exclude_offset, extra)
         else:
             lse = dot_lse_reference(q.double(), k.double(), scale.double(), exclude_offset,
@@ -266,8 +281,8 @@ def dot_lse_backward(
         need_dq, need_dk = True, False
     elif symmetric:
         if backend == "triton":
-            dq, _, dscale = _kernels().dot_lse_backward(q, k, scale, lse, grad_lse,
-                                                        exclude_offset, symmetric=True)
+            dq, _, dscale = _pair_kernels().dot_lse_pair_backward(
+                q, None, scale, lse, None, grad_lse, None, exclude_diagonal=exclude_offset == 0)
         else:
             dq, dk, dscale = dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset, True,
                                               True, backend)
@@ -418,9 +433,8 @@ def dot_lse_pair_mean(
         dy = dy if dy is not None else none()
         ds = ds if ds is not None else none()
     else:
-        if backend == "triton":
-            lse_x = _kernels().dot_lse_forward(x, y, scale)
-            lse_y = _kernels().dot_lse_forward(y, x, scale)
+        if backend == "triton":  # both directions in one pass over the tiles
+            lse_x, lse_y = _pair_kernels().dot_lse_pair_forward(x, y, scale)
         else:
             x64, y64, s64 = x.double(), y.double(), scale.double()
             lse_x = dot_lse_reference(x64, y64, s64).to(ct)
@@ -441,6 +455,45 @@ def _(x, y, scale, backend, need_dx, need_dy, need_ds):
         y.new_empty(y.shape if eager and need_dy else (0,), dtype=ct),
         x.new_empty(() if eager and need_ds else (0,), dtype=ct),
     )
+
+
+@torch.library.custom_op("sslfast::dot_lse_pair_backward", mutates_args=())
+@without_autocast
+def dot_lse_pair_backward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    lse_x: torch.Tensor,
+    lse_y: torch.Tensor,
+    grad_x: torch.Tensor,
+    grad_y: torch.Tensor,
+    backend: str,
+    need_dy: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dscale) of sum(grad_x * lse_x) + sum(grad_y * lse_y) over the logits
+    scale * x y^T; dy is empty (0-element) unless need_dy. Triton: one pass over the
+    tiles for both sides; otherwise one two-sided pass per side."""
+    ct = _compute_dtype(x)
+    grad_x = grad_x.to(ct).contiguous()
+    grad_y = grad_y.to(ct).contiguous()
+    if backend == "triton":
+        dx, dy, dscale = _pair_kernels().dot_lse_pair_backward(x, y, scale, lse_x, lse_y,
+                                                               grad_x, grad_y)
+    else:
+        dx, _, dscale = dot_lse_backward(x, y, scale, lse_x, grad_x, None, True, False, backend,
+                                         False, lse_y, grad_y)
+        dy = None
+        if need_dy:
+            dy, _, _ = dot_lse_backward(y, x, scale, lse_y, grad_y, None, True, False, backend,
+                                        False, lse_x, grad_x)
+    return (dx.to(ct), dy.to(ct) if need_dy else x.new_empty(0, dtype=ct), dscale.to(ct))
+
+
+@dot_lse_pair_backward.register_fake
+def _(x, y, scale, lse_x, lse_y, grad_x, grad_y, backend, need_dy):
+    ct = _compute_dtype(x)
+    return (x.new_empty(x.shape, dtype=ct), y.new_empty(y.shape if need_dy else (0,), dtype=ct),
+            x.new_empty((), dtype=ct))
 
 
 def _pair_setup_context(ctx, inputs, output):
@@ -471,12 +524,8 @@ def _pair_backward(ctx, grad, *_unused):
     else:
         g_x = (grad / lse_x.shape[0]).expand(lse_x.shape[0])
         g_y = (grad / lse_y.shape[0]).expand(lse_y.shape[0])
-        # One two-sided pass per side: each side's whole gradient, both directions.
-        dx, _, dscale = dot_lse_backward(x, y, scale, lse_x, g_x, None, True, False, ctx.backend,
-                                         False, lse_y, g_y)
-        if need_dy:
-            dy, _, _ = dot_lse_backward(y, x, scale, lse_y, g_y, None, True, False, ctx.backend,
-                                        False, lse_x, g_x)
+        dx, dy, dscale = dot_lse_pair_backward(x, y, scale, lse_x, lse_y, g_x, g_y, ctx.backend,
+                                               need_dy)
     return (
         dx.to(x.dtype) if need_dx else None,
         dy.to(y.dtype) if need_dy else None,
