@@ -3,8 +3,10 @@ matrix in one pass (CLIP) and the symmetric Z Z^T visited once per tile pair (NT
 against a dense float64 reference and against the one-direction kernels."""
 
 import os
+import weakref
 
 import torch
+import torch.utils._python_dispatch
 
 if not torch.cuda.is_available():  # the interpreter must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -151,6 +153,99 @@ def test_rows_recomputed_where_the_shift_fails(symmetric):
         assert_rel(got[3], r_dy, 1e-5, mags[2], "dy")
 
 
+@pytest.mark.parametrize("dtype, d, symmetric, scale", [
+    (torch.bfloat16, 100, False, 200.0),   # D beyond the finalize kernel's BLOCK_D
+    (torch.float32, 40, True, -200.0),     # the diagonal included, a negative scale
+])
+def test_recompute_variants(dtype, d, symmetric, scale):
+    """The recompute path with D walked in chunks, low precision, no exclusion."""
+    n = 37
+    x = features(n, d, dtype)
+    y = None if symmetric else features(n + 4, d, dtype)
+    g = torch.randn(n, device=DEVICE)  # mixed signs
+    h = None if symmetric else torch.randn(n + 4, device=DEVICE)
+    s = torch.tensor(scale, device=DEVICE)
+    got = run_pair(x, y, s, False, g, h, config=SMALL_CONFIG, splits=2)
+    (r_lx, r_ly, r_dx, r_dy, r_ds), mags = reference(x, y, s, False, g, h)
+    shift_x, _ = pair._shifts(x, y, s, symmetric)
+    assert ((r_lx * pair._LOG2E - shift_x) < -72).any()
+    lse_rtol, g_rtol = TOL[dtype]
+    assert_rel(got[0], r_lx, lse_rtol, mags[0], "lse_x")
+    assert_rel(got[2], r_dx, g_rtol, mags[1], "dx")
+    assert_rel(got[4], r_ds, g_rtol, mags[3], "dscale")
+    if not symmetric:
+        assert_rel(got[1], r_ly, lse_rtol, mags[0], "lse_y")
+        assert_rel(got[3], r_dy, g_rtol, mags[2], "dy")
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "clip"])
+def test_logits_near_1e9(symmetric):
+    """Logits at their Cauchy-Schwarz bound (the diagonal included; CLIP with y = x) near
+    1e9: fp32 rounding lifts a term above its shift's bound and the sum overflows to
+    inf, which the finalize kernel must recompute (not return inf)."""
+    x = features(8, 64, torch.float32, norm=1e4)
+    y = None if symmetric else x.clone()
+    s = torch.tensor(10.0, device=DEVICE)
+    lse_x, lse_y = dot_lse_pair_forward(x, y, s)
+    want = dot_lse_forward(x, x, s)
+    assert torch.isfinite(lse_x).all() and torch.isfinite(lse_y).all()
+    torch.testing.assert_close(lse_x, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse_y, want, rtol=1e-6, atol=0)
+
+
+class _PeakAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of new tensor storage alive at once while active (views of storage that
+    existed before, such as the inputs, are not counted)."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        self.seen = {t.untyped_storage().data_ptr() for t in existing}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if key in self.seen or size == 0:
+                continue
+            self.seen.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, key, size)
+        return out
+
+    def _free(self, key, size):
+        self.live -= size
+        self.seen.discard(key)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "clip"])
+def test_shifts_hold_no_copy_of_the_features(symmetric):
+    # The shifts' temporaries are O(R + C): no float32 (or any) copy of the features.
+    n, d = 4096, 128
+    x = features(n, d, torch.bfloat16)
+    y = None if symmetric else features(n, d, torch.bfloat16)
+    s = torch.tensor(10.0, device=DEVICE)
+    with _PeakAllocations(x, *([] if y is None else [y])) as tracker:
+        pair._shifts(x, y, s, symmetric)
+    assert 0 < tracker.peak < 64 * n, tracker.peak  # 16 floats per row; x alone is 256 per row
+
+
+def test_need_dy():
+    x, y = features(21, 24, torch.bfloat16), features(30, 24, torch.bfloat16)
+    g, h = torch.rand(21, device=DEVICE), torch.rand(30, device=DEVICE)
+    s = torch.tensor(5.0, device=DEVICE)
+    lse_x, lse_y = dot_lse_pair_forward(x, y, s)
+    dx, dy, ds = dot_lse_pair_backward(x, y, s, lse_x, lse_y, g, h)
+    dx1, dy1, ds1 = dot_lse_pair_backward(x, y, s, lse_x, lse_y, g, h, need_dy=False)
+    assert dy is not None and dy1 is None
+    torch.testing.assert_close(dx1, dx, rtol=1e-6, atol=1e-6 * dx.abs().max().item())
+    torch.testing.assert_close(ds1, ds, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("scale", [10.0, 100.0])
 def test_no_recompute_for_matched_pairs(scale):
     """The anchors make the recompute rare: CLIP at its largest scale (100) and NT-Xent
@@ -278,6 +373,12 @@ def test_bad_inputs():
         dot_lse_pair_forward(x, y[:, :7], s)
     with pytest.raises(ValueError, match="BLOCK_D"):
         dot_lse_pair_forward(x, y, s, config={"BLOCK": 16, "BLOCK_D": 8})
+    with pytest.raises(ValueError, match="BLOCK"):
+        dot_lse_pair_forward(x, y, s, config={"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_D": 64})
+    with pytest.raises(ValueError, match="BLOCK"):
+        dot_lse_pair_forward(x, y, s, config={"BLOCK": 24, "BLOCK_D": 64})
+    with pytest.raises(TypeError, match="config"):
+        dot_lse_pair_forward(x, y, s, config=[16, 16])
     lse_x, lse_y = dot_lse_pair_forward(x, y, s)
     with pytest.raises(ValueError, match="grad_y"):
         dot_lse_pair_backward(x, y, s, lse_x, lse_y, lse_x, torch.ones(4, device=DEVICE))

@@ -50,10 +50,22 @@ def variants(quick):
                                                      "NORM_G": dt == "fp16", **blocks}))
         pair = {"BLOCK": 64, "BLOCK_D": 64, "SINGLE_D": sd, "IEEE": ieee}
         for sym in (False, True):
-            for fn in (PAIR._dot_lse_pair_fwd_kernel, PAIR._dot_lse_pair_bwd_kernel):
-                out.append((fn, dt, {"SYMMETRIC": sym, "EXCLUDE_DIAG": sym, **pair}))
+            out.append((PAIR._dot_lse_pair_fwd_kernel, dt,
+                        {"SYMMETRIC": sym, "EXCLUDE_DIAG": sym, **pair}))
+            for need_dy in ((True,) if sym else (True, False)):
+                out.append((PAIR._dot_lse_pair_bwd_kernel, dt,
+                            {"SYMMETRIC": sym, "EXCLUDE_DIAG": sym, "NEED_DY": need_dy, **pair}))
         out.append((PAIR._dot_lse_pair_finalize_kernel, dt, {"EXCLUDE_DIAG": True, "IEEE": ieee,
                                                               **blocks}))
+    if not quick:  # every autotune config of the tile-pair kernels (bf16, D = 128)
+        for fn, configs in ((PAIR._dot_lse_pair_fwd_kernel, PAIR._FWD_CONFIGS),
+                            (PAIR._dot_lse_pair_bwd_kernel, PAIR._BWD_CONFIGS)):
+            for c in configs:
+                consts = {"SYMMETRIC": True, "EXCLUDE_DIAG": True, "IEEE": False, **c.kwargs,
+                          "SINGLE_D": c.kwargs["BLOCK_D"] >= 128}
+                if fn is PAIR._dot_lse_pair_bwd_kernel:
+                    consts["NEED_DY"] = True
+                out.append((fn, "bf16", consts, c.num_warps, c.num_stages))
     for dt in dtypes:
         block = {"BLOCK_K": DINO._GPU_CONFIG["BLOCK_K"]}
         out += [(DINO._dino_teacher_lse_kernel, dt, block),
@@ -63,7 +75,7 @@ def variants(quick):
     return out
 
 
-def compile_variant(fn, dtype, constexprs, arch):
+def compile_variant(fn, dtype, constexprs, arch, num_warps=4, num_stages=3):
     names = list(fn.arg_names)
     sig = {}
     for n in names:
@@ -76,7 +88,8 @@ def compile_variant(fn, dtype, constexprs, arch):
         else:
             sig[n] = "i32"
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return compile(src, target=GPUTarget("cuda", arch, 32))
+    return compile(src, target=GPUTarget("cuda", arch, 32),
+                   options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def main(argv=None):
@@ -87,11 +100,14 @@ def main(argv=None):
     a = p.parse_args(argv)
     failed = 0
     for arch in (int(x) for x in a.archs.split(",")):
-        for fn, dtype, consts in variants(a.quick):
+        for fn, dtype, consts, *launch in variants(a.quick):
             flags = ",".join(f"{k}={v}" for k, v in consts.items() if not k.startswith("BLOCK"))
+            if launch:  # an autotune config: its tiles, warps and stages
+                flags += " " + ",".join(f"{k}={v}" for k, v in consts.items()
+                                        if k.startswith("BLOCK")) + " w{} s{}".format(*launch)
             t0 = time.perf_counter()
             try:
-                out = compile_variant(fn, dtype, consts, arch)
+                out = compile_variant(fn, dtype, consts, arch, *launch)
                 ok = bool(out.asm.get("cubin"))
                 msg = f"{len(out.asm['cubin'])} B cubin" if ok else "no cubin"
             except Exception as exc:  # noqa: BLE001 - report every failure

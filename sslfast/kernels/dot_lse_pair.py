@@ -16,7 +16,8 @@ a_i = L_i,pi(i) <= lse_i (one included column), m_i = max(b_i - 60, min(b_i, a_i
 Then no term exceeds e^60 (no overflow), and the sum holds the anchor's term
 e^(a_i - m_i) >= e^-16 unless b_i - a_i > 76 (only for |scale| > 38 on normalized
 features). A finalize kernel turns (m, sum) into lse and, for any row whose sum is
-below e^-50 (where flushed subnormal terms could matter), recomputes that row tile
+below e^-50 (where flushed subnormal terms could matter) or infinite (fp32 rounding
+of logits beyond ~1e8 can pass the bound), recomputes that row tile
 with the online max of the one-direction kernel: exact in every case, and free when
 no row needs it (the common case: one load per row).
 
@@ -44,7 +45,6 @@ import triton.language as tl
 from sslfast.kernels.dot_lse import (
     _INTERPRET,
     _LOG2E,
-    _check_config,
     _check_qk,
     _mm,
     _online_lse,
@@ -133,7 +133,7 @@ def _dot_lse_pair_finalize_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
     """lse = ln2 * (shift + log2(sum)) per row of q; a row tile holding a row whose sum
-    is below 2^-72 (or not a number) is recomputed against all of k with an online max."""
+    is below 2^-72 or not finite is recomputed against all of k with an online max."""
     LN2: tl.constexpr = 0.6931471805599453
     LOG2E: tl.constexpr = 1.4426950408889634
     FIX_BELOW: tl.constexpr = 2.117582368135751e-22  # 2^-72
@@ -142,7 +142,8 @@ def _dot_lse_pair_finalize_kernel(
     row_ok = rows < R
     total = tl.load(sum_ptr + rows, mask=row_ok, other=1.0)
     shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
-    bad = row_ok & ~(total >= FIX_BELOW)
+    # Also an infinite sum: fp32 rounding of logits near 1e9 can exceed the shift's bound.
+    bad = row_ok & ~((total >= FIX_BELOW) & (total < float("inf")))
     lse = (shift + tl.log2(total)) * LN2
     if tl.max(bad.to(tl.int32), 0) > 0:
         offs_d = tl.arange(0, BLOCK_D)
@@ -194,11 +195,13 @@ def _dot_lse_pair_bwd_kernel(
     dx_ptr, dy_ptr, dscale_ptr,
     R, C, stride_x, stride_y,
     D, SYMMETRIC: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, IEEE: tl.constexpr,
+    NEED_DY: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
     """Gradients of sum_i g_i lse_x_i + sum_j h_j lse_y_j (g = g_x, h = g_y) into the
     zeroed float32 dx (R, D), dy (C, D) and per-row dscale partials dscale (R,), with the
-    same walk as the forward. g and h are divided by g_norm (max |g|, |h|) inside the
+    same walk as the forward (dy skipped unless NEED_DY; SYMMETRIC needs it: dy is dx).
+    g and h are divided by g_norm (max |g|, |h|) inside the
     tile products, which keeps the low-precision operand W in [0, 2]."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -246,7 +249,7 @@ def _dot_lse_pair_bwd_kernel(
         dy_cols_ptr = dy_ptr + cols.to(tl.int64)[:, None] * D
         dx_acc = _pair_grad_tile(w, x_res, y_res, x_rows_ptr, y_cols_ptr, dx_rows_ptr,
                                  dy_cols_ptr, row_ok, col_ok, offs_d, out_mul, dx_acc, D,
-                                 True, IEEE, BLOCK_D, SINGLE_D)
+                                 NEED_DY, IEEE, BLOCK_D, SINGLE_D)
     if SINGLE_D:
         tl.atomic_add(dx_rows_ptr + offs_d[None, :], dx_acc * out_mul,
                       mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
@@ -257,7 +260,8 @@ def _dot_lse_pair_bwd_kernel(
 
 _INTERPRET_CONFIG = {"BLOCK": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
 # SSLFAST_TRITON_AUTOTUNE=0 (the test suite): one config for the forward and the backward.
-_FIXED_GPU_CONFIG = {"BLOCK": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
+# 8 warps: with 4, the backward's 64 x 64 bf16 tiles use all 255 registers and spill.
+_FIXED_GPU_CONFIG = {"BLOCK": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 2}
 # The finalize kernel runs its loop only for rows that need it: one fixed config.
 _FINALIZE_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2}
 
@@ -274,12 +278,12 @@ _FWD_CONFIGS = [
     _cfg(64, 128, 8, 2),
     _cfg(128, 32, 4, 4),
 ]
-# The backward holds a (BLOCK, BLOCK_D) fp32 accumulator and a W^T x product as well.
+# The backward holds a (BLOCK, BLOCK_D) fp32 accumulator and a W^T x product as well
+# (128 x 128 tiles would need ~190 KiB of shared memory in fp32: more than sm_80 has).
 _BWD_CONFIGS = [
     _cfg(64, 64, 4, 2),
     _cfg(64, 128, 8, 2),
     _cfg(128, 64, 8, 2),
-    _cfg(128, 128, 8, 1),
     _cfg(32, 128, 4, 3),
     _cfg(64, 32, 4, 3),
 ]
@@ -288,7 +292,7 @@ _single_d = triton.heuristics({"SINGLE_D": lambda a: a["D"] <= a["BLOCK_D"]})
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "IEEE", "SYMMETRIC"],
                              reset_to_zero=["sum_x_ptr", "sum_y_ptr"])(
     _single_d(_dot_lse_pair_fwd_kernel))
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "SYMMETRIC"],
+_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "SYMMETRIC", "NEED_DY"],
                              reset_to_zero=["dx_ptr", "dy_ptr", "dscale_ptr"])(
     _single_d(_dot_lse_pair_bwd_kernel))
 
@@ -305,7 +309,8 @@ def _auto_splits(row_tiles, col_tiles, device):
 
 
 def _launch(kernel, tuned, config, R, C, D, splits, *args):
-    """Over a (row tiles, splits) grid; splits None: _auto_splits of the config's tiles."""
+    """Over a (row tiles, splits) grid; splits None: _auto_splits of the config's tiles.
+    More splits than column tiles would only add idle programs: clamped."""
     if config is None and _INTERPRET:
         config = _INTERPRET_CONFIG
     if config is None and os.environ.get("SSLFAST_TRITON_AUTOTUNE", "1") == "0":
@@ -314,17 +319,25 @@ def _launch(kernel, tuned, config, R, C, D, splits, *args):
 
     def grid(meta):
         rt, ct = triton.cdiv(R, meta["BLOCK"]), triton.cdiv(C, meta["BLOCK"])
-        return rt, splits or _auto_splits(rt, ct, device)
+        return rt, max(1, min(splits or _auto_splits(rt, ct, device), ct))
 
     if config is None:
         tuned[grid](*args)
         return
-    config = _check_config({"BLOCK_R": config.get("BLOCK"), "BLOCK_C": config.get("BLOCK"),
-                            "BLOCK_D": config.get("BLOCK_D"), **config})
+    _check_config(config)
     meta = {"BLOCK": config["BLOCK"], "BLOCK_D": config["BLOCK_D"]}
     kernel[grid(meta)](*args, **meta, SINGLE_D=D <= meta["BLOCK_D"],
                        num_warps=config.get("num_warps", 4),
                        num_stages=config.get("num_stages", 1))
+
+
+def _check_config(config):
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+    for k in ("BLOCK", "BLOCK_D"):
+        v = config.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config[{k!r}] must be a power of two >= 16, got {v!r}")
 
 
 def _check_splits(splits):
@@ -341,20 +354,29 @@ def _use_atomics():
 
 
 def _shifts(x, y, scale_t, symmetric):
-    """Per-row shifts (log2 units) of x's rows and y's rows; see the module docstring."""
-    xf = x.float()
-    yf = xf if symmetric else y.float()
-    nx, ny = xf.norm(dim=1), yf.norm(dim=1)
+    """Per-row shifts (log2 units) of x's rows and y's rows; see the module docstring.
+    O(R + C) float32 temporaries: no float32 copy of the features."""
+    nx = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
     s_abs = scale_t.abs()
-    R, C = xf.shape[0], yf.shape[0]
     if symmetric:  # the anchor: the row half-way round (NT-Xent's positive)
-        partner = (torch.arange(R, device=x.device) + R // 2) % R
-        a_x = scale_t * (xf * xf[partner]).sum(1)
-        b_x = s_abs * nx * nx.max()
-        return _shift_rule(b_x, a_x), None
-    a_x = scale_t * (xf * yf[torch.arange(R, device=x.device) % C]).sum(1)
-    a_y = scale_t * (yf * xf[torch.arange(C, device=x.device) % R]).sum(1)
-    return _shift_rule(s_abs * nx * ny.max(), a_x), _shift_rule(s_abs * ny * nx.max(), a_y)
+        R, h = x.shape[0], x.shape[0] // 2
+        dots = torch.cat([_row_dots(x[:R - h], x[h:]), _row_dots(x[R - h:], x[:h])])
+        return _shift_rule(s_abs * nx * nx.max(), scale_t * dots), None
+    ny = torch.linalg.vector_norm(y, dim=1, dtype=torch.float32)
+    # the anchor: the matching row (CLIP's positive); 0 where there is none (R != C)
+    m = min(x.shape[0], y.shape[0])
+    diag = _row_dots(x[:m], y[:m])
+    a_x = torch.zeros_like(nx)
+    a_y = torch.zeros_like(ny)
+    a_x[:m] = diag
+    a_y[:m] = diag
+    return (_shift_rule(s_abs * nx * ny.max(), scale_t * a_x),
+            _shift_rule(s_abs * ny * nx.max(), scale_t * a_y))
+
+
+def _row_dots(a, b):
+    """a_i . b_i as float32 (accumulated in float32; only a hint for the shift)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1).float()  # no (R, D) temporary
 
 
 def _shift_rule(bound, anchor):
@@ -414,10 +436,11 @@ def dot_lse_pair_forward(x, y, scale, *, exclude_diagonal=False, config=None, sp
 
 
 def dot_lse_pair_backward(x, y, scale, lse_x, lse_y, grad_x, grad_y, *, exclude_diagonal=False,
-                          config=None, splits=None):
+                          need_dy=True, config=None, splits=None):
     """(dx, dy, dscale) float32 for sum(grad_x * lse_x) + sum(grad_y * lse_y), the
-    log-sum-exps of dot_lse_pair_forward. y None (symmetric): lse_y and grad_y must be
-    None (the rows' own are used), dx is the rows' whole gradient and dy is None."""
+    log-sum-exps of dot_lse_pair_forward; dy None unless need_dy. y None (symmetric):
+    lse_y and grad_y must be None (the rows' own are used), dx is the rows' whole
+    gradient and dy is None."""
     symmetric = y is None
     if symmetric and (lse_y is not None or grad_y is not None):
         raise ValueError("y=None (symmetric) takes lse_y=None and grad_y=None")
@@ -439,17 +462,20 @@ def dot_lse_pair_backward(x, y, scale, lse_x, lse_y, grad_x, grad_y, *, exclude_
                                          0 if exclude_diagonal else None, symmetric=True)
             return dx, None, ds
         dx, _, ds = dot_lse_backward(x, y, scale_t, lse_x, g_x, col_lse=lse_y, col_grad=g_y)
-        dy, _, _ = dot_lse_backward(y, x, scale_t, lse_y, g_y, col_lse=lse_x, col_grad=g_x)
+        dy = None
+        if need_dy:
+            dy, _, _ = dot_lse_backward(y, x, scale_t, lse_y, g_y, col_lse=lse_x, col_grad=g_x)
         return dx, dy, ds
     # max|g| on device (no host sync), floored so that 1/max stays finite
     g_norm = torch.maximum(g_x.abs().amax(), g_y.abs().amax()).clamp_min(1e-30)
     dx = torch.zeros((R, D), dtype=torch.float32, device=dev)
-    dy = dx if symmetric else torch.zeros((C, D), dtype=torch.float32, device=dev)
+    need_dy = bool(need_dy) and not symmetric
+    dy = torch.zeros((C, D), dtype=torch.float32, device=dev) if need_dy else dx
     ds = torch.zeros(R, dtype=torch.float32, device=dev)
     _launch(
         _dot_lse_pair_bwd_kernel, _bwd_tuned, config, R, C, D, splits,
         x, y, scale_t, lse_x, lse_y, g_x, g_y, g_norm, dx, dy, ds,
         R, C, x.stride(0), y.stride(0),
-        D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32,
+        D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32, need_dy or symmetric,
     )
-    return dx, (None if symmetric else dy), ds.sum()
+    return dx, (dy if need_dy else None), ds.sum()

@@ -478,7 +478,7 @@ def dot_lse_pair_backward(
     grad_y = grad_y.to(ct).contiguous()
     if backend == "triton":
         dx, dy, dscale = _pair_kernels().dot_lse_pair_backward(x, y, scale, lse_x, lse_y,
-                                                               grad_x, grad_y)
+                                                               grad_x, grad_y, need_dy=need_dy)
     else:
         dx, _, dscale = dot_lse_backward(x, y, scale, lse_x, grad_x, None, True, False, backend,
                                          False, lse_y, grad_y)
