@@ -375,7 +375,7 @@ def _shifts(x, y, scale_t, symmetric):
 
 
 def _row_dots(a, b):
-    """a_i . b_i as float32 (accumulated in float32; only a hint for the shift)."""
+    """a_i . b_i as float32 (rounded to the inputs' dtype: only a hint for the shift)."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1).float()  # no (R, D) temporary
 
 
