@@ -74,6 +74,40 @@ def test_backward_with_any_row_weights(case, backend, block_elems, monkeypatch):
         assert_parity(a.double(), b, torch.float32, name)
 
 
+@pytest.mark.parametrize("block_elems", [1, 7, 100, 1 << 22])
+@pytest.mark.parametrize("n, exclude_offset, scale", [
+    (1, None, 2.0), (2, 0, 2.0), (9, 0, -3.0), (40, 0, 20.0), (33, None, 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_symmetric_cpu_path(n, exclude_offset, scale, dtype, block_elems, monkeypatch):
+    """NT-Xent on one process on the CPU (q is k): only the blocks on and right of the
+    diagonal are computed, each block folding into its rows' and its columns' running
+    max/sum; values and gradients (z, scale) equal the reference for any block size."""
+    monkeypatch.setattr(dot_lse_mod, "_CPU_BLOCK_ELEMS", block_elems)
+    z, _, s, _ = _inputs(n, 1, 6, dtype, False, scale)
+    out = dot_lse(z, z, s, exclude_offset, None, backend="cpu")
+    grads = torch.autograd.grad(out, [z, s])
+    leaves = [t.detach().double().requires_grad_() for t in (z, s)]
+    ref = dot_lse_reference(leaves[0], leaves[0], leaves[1], exclude_offset).mean()
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert_parity(out, ref, dtype, "lse mean")
+    for name, a, b in zip(["dz", "dscale"], grads, ref_grads):
+        assert_parity(a.double(), b, dtype, name)
+    blocks = list(dot_lse_mod._triangle_blocks(n))
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all((r1 - r0) * (n - r0) <= max(block_elems, n - r0) for r0, r1 in blocks)
+
+
+def test_symmetric_cpu_forward_only():
+    # Without gradients only the log-sum-exp pass runs: per-row lse equals the reference.
+    z, _, s, _ = _inputs(50, 1, 8, torch.float32, False, 5.0)
+    with torch.no_grad():
+        lse = torch.ops.sslfast.dot_lse_mean(z, z, s, 0, None, "cpu", False, False, False,
+                                             True)[1]
+    ref = dot_lse_reference(z.double(), z.double(), s.double(), 0)
+    assert_parity(lse.double(), ref, torch.float32, "lse")
+
+
 def test_empty_row_is_minus_inf_with_zero_grads():
     q, k, s, _ = _inputs(1, 1, 4, torch.float32, False)
     lse = dot_lse(q, k, s, 0, None, backend="cpu")

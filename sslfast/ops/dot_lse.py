@@ -105,6 +105,77 @@ def _cpu_forward(q, k, scale, exclude_offset, extra, need_dq=False, need_dk=Fals
     return lse, dq, dk, ds
 
 
+def _triangle_blocks(r):
+    """Row blocks [r0, r1) of a symmetric r x r matrix, each against the columns from r0
+    on (the diagonal block and the blocks right of it): at most _CPU_BLOCK_ELEMS logits."""
+    r0 = 0
+    while r0 < r:
+        r1 = r0 + max(1, min(r - r0, _CPU_BLOCK_ELEMS // (r - r0)))
+        yield r0, r1
+        r0 = r1
+
+
+def _online_update(run_max, run_sum, logits, dim):
+    """Fold a block of logits into running (max, sum) vectors in place, reducing over
+    dim (1: the block's rows, 0: its columns)."""
+    new = torch.maximum(run_max, logits.amax(dim=dim))
+    shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    part = torch.sub(logits, shift.unsqueeze(dim)).exp_().sum(dim=dim)
+    run_sum.mul_(torch.exp(run_max - shift)).add_(part)
+    run_max.copy_(new)
+
+
+def _cpu_symmetric(z, scale, exclude_diagonal, need_dz, need_ds):
+    """NT-Xent on one process: lse of the rows of s Z Z^T (the diagonal left out if
+    exclude_diagonal), and, when asked, the gradients of mean_i lse_i: dz (the rows'
+    whole gradient) and ds. Only the blocks on and right of the diagonal are computed
+    (Z Z^T is symmetric): one pass for the log-sum-exps (each block updates its rows'
+    running max/sum and, right of the diagonal block, its columns'), one for the
+    gradient (W = (P + P^T) / R per block: dz_I += s W z_J, dz_J += s W^T z_I). Four
+    R x R x D matmul-halves in all where the one-direction path computes six."""
+    ct = _compute_dtype(z)
+    zf, s = z.to(ct), scale.to(ct)
+    r = z.shape[0]
+    run_max = torch.full((r,), float("-inf"), dtype=ct)
+    run_sum = torch.zeros(r, dtype=ct)
+
+    def block_logits(r0, r1):
+        logits = torch.mm(zf[r0:r1], zf[r0:].t()).mul_(s)
+        if exclude_diagonal:
+            logits[:, : r1 - r0].fill_diagonal_(float("-inf"))
+        return logits
+
+    blocks = list(_triangle_blocks(r))
+    for r0, r1 in blocks:
+        logits = block_logits(r0, r1)
+        _online_update(run_max[r0:r1], run_sum[r0:r1], logits, 1)
+        if r1 < r:  # the columns right of the diagonal block are rows r1..
+            _online_update(run_max[r1:], run_sum[r1:], logits[:, r1 - r0:], 0)
+    shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
+    lse = run_sum.log_().add_(shift)
+    if not (need_dz or need_ds):
+        return lse, None, None
+    dz = torch.zeros_like(zf) if need_dz else None
+    ds = torch.zeros((), dtype=ct)
+    for r0, r1 in blocks:
+        b = r1 - r0
+        logits = block_logits(r0, r1)
+        w = torch.sub(logits, lse[r0:r1, None]).exp_()
+        w.add_(torch.sub(logits, lse[None, r0:]).exp_()).div_(r)  # (P + P^T) / R
+        if need_dz:
+            dz[r0:r1].addmm_(w, zf[r0:])
+            if r1 < r:
+                dz[r1:].addmm_(w[:, b:].t(), zf[r0:r1])
+        if need_ds:  # sum W * logits / s; the diagonal block holds each pair twice
+            if exclude_diagonal:
+                logits[:, :b].fill_diagonal_(0.0)
+            logits.mul_(w)
+            ds += (logits[:, :b].sum() / 2 + logits[:, b:].sum()) / s
+    if need_dz:
+        dz.mul_(s)
+    return lse, dz, ds
+
+
 def _cpu_backward(q, k, scale, lse, grad_lse, exclude_offset, need_dq, need_dk):
     ct = _compute_dtype(q)
     qf, kf, s = q.to(ct), k.to(ct), scale.to(ct)
@@ -197,7 +268,9 @@ def dot_lse_mean(
     process): the Triton backward then makes one pass for the whole gradient."""
     ct = _compute_dtype(q)
     dq = dk = ds = None
-    if backend == "cpu":
+    if _symmetric_cpu(backend, symmetric, extra):  # dq: the rows' whole gradient
+        lse, dq, ds = _cpu_symmetric(q, scale, exclude_offset == 0, need_dq or need_dk, need_ds)
+    elif backend == "cpu":
         lse, dq, dk, ds = _cpu_forward(q, k, scale, exclude_offset, extra, need_dq, need_dk,
                                        need_ds)
     else:
@@ -225,6 +298,12 @@ def dot_lse_mean(
     )
 
 
+def _symmetric_cpu(backend, symmetric, extra):
+    """NT-Xent on one process on the CPU: the blocks of half the symmetric matrix, and the
+    rows' whole gradient returned as dq (dk empty)."""
+    return backend == "cpu" and symmetric and extra is None
+
+
 def _eager(backend, extra, need_dk):
     """Whether the forward computes the gradients: always on the CPU backend
     (its blocks are final once done); elsewhere against a queue (an ``extra``
@@ -238,6 +317,8 @@ def _eager(backend, extra, need_dk):
 def _(q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds, symmetric):
     ct = _compute_dtype(q)
     eager = _eager(backend, extra, need_dk)
+    if _symmetric_cpu(backend, symmetric, extra):
+        need_dq, need_dk = need_dq or need_dk, False
     return (
         q.new_empty((), dtype=ct),
         q.new_empty(q.shape[0], dtype=ct),
@@ -330,10 +411,12 @@ def _setup_context(ctx, inputs, output):
     q, k, scale, exclude_offset, extra, backend, need_dq, need_dk, need_ds, symmetric = inputs
     _, lse, dq1, dk1, ds1 = output
     want_dq, want_dk, want_ds = ctx.needs_input_grad[:3]
+    # The symmetric CPU path's dq1 is the whole gradient of the one tensor q = k.
+    ctx.whole_in_dq = _symmetric_cpu(backend, symmetric, extra)
     ctx.eager = (
         _eager(backend, extra, need_dk)
         and (not want_dq or dq1.shape == q.shape)
-        and (not want_dk or dk1.shape == k.shape)
+        and (not want_dk or dk1.shape == k.shape or ctx.whole_in_dq)
         and (not want_ds or ds1.dim() == 0)
     )
     # Eager: q and k are not needed again (k may be a queue about to be overwritten).
@@ -352,6 +435,7 @@ def _backward(ctx, grad_mean, _grad_lse, _g1, _g2, _g3):
         return none
     grad_mean = grad_mean.to(lse.dtype)
     if ctx.eager:  # computed in the forward for every gradient asked (see _setup_context)
+        need_dk = need_dk and not ctx.whole_in_dq
         dq = grad_mean * dq1 if need_dq else None
         dk = grad_mean * dk1 if need_dk else None
         dscale = grad_mean * ds1 if need_scale else None
