@@ -14,15 +14,14 @@ trip through ln 2 would shift a one-hot row's top probability at large logits).
 Launchers take plain tensors; autograd lives in the ops layer.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from sslfast.kernels.dot_lse import _INTERPRET, _check_splits, _sm_count
+
 __all__ = ["dino_forward", "dino_backward"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LN2 = 0.6931471805599453
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A row of K = 65536 is walked in 32 blocks; 8 warps keep 8 fp32 lanes per thread per
@@ -159,13 +158,10 @@ def _config(config):
 def _split_plan(S, N, K, block, splits, device):
     """(splits, columns per split): enough (b, n, split) programs for about four per SM,
     each split at least _MIN_SPLIT_COLS columns, a multiple of the block, none empty."""
-    if splits is None:
-        splits = 1
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            splits = max(1, min(triton.cdiv(4 * sms, S * N), K // _MIN_SPLIT_COLS))
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be None or a positive int, got {splits!r}")
+    if _check_splits(splits) is None:
+        sms = _sm_count(device)
+        splits = 1 if sms is None else max(1, min(triton.cdiv(4 * sms, S * N),
+                                                   K // _MIN_SPLIT_COLS))
     per = triton.cdiv(triton.cdiv(K, splits), block) * block
     return triton.cdiv(K, per), per
 

@@ -391,14 +391,22 @@ _bwd_dq_tuned = triton.autotune(
 _bwd_dk_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_bwd_dk_kernel))
 
 
+def _pick_config(config, interpret_config, fixed_config):
+    """The config to launch with: the caller's; else the interpreter's under
+    TRITON_INTERPRET; else the fixed one when SSLFAST_TRITON_AUTOTUNE=0 (the test
+    suite); else None (autotune)."""
+    if config is None and _INTERPRET:
+        return interpret_config
+    if config is None and os.environ.get("SSLFAST_TRITON_AUTOTUNE", "1") == "0":
+        return fixed_config
+    return config
+
+
 def _launch(kernel, tuned, config, grid_dim, n, D, *args, splits=1):
     """Launch with the given config dict, the interpreter config, or the autotuner,
     over a (tiles of n, splits) grid. args: every kernel argument up to (not
     including) BLOCK_R, positionally."""
-    if config is None and _INTERPRET:
-        config = _INTERPRET_CONFIG
-    if config is None and os.environ.get("SSLFAST_TRITON_AUTOTUNE", "1") == "0":
-        config = _FIXED_GPU_CONFIG
+    config = _pick_config(config, _INTERPRET_CONFIG, _FIXED_GPU_CONFIG)
     if config is None:
         tuned[lambda meta: (triton.cdiv(n, meta[grid_dim]), splits)](*args)
         return
@@ -438,20 +446,26 @@ def _auto_splits(R, C, device):
 def _split_plan(R, C, splits, device):
     """(splits, columns per split): columns per split a multiple of 128 (every
     BLOCK_C divides it), no split empty."""
-    if splits is None:
-        splits = _auto_splits(R, C, device)
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be None or a positive int, got {splits!r}")
+    splits = _auto_splits(R, C, device) if _check_splits(splits) is None else splits
     per = triton.cdiv(triton.cdiv(max(C, 1), splits), 128) * 128
     return triton.cdiv(max(C, 1), per), per
 
 
-def _check_config(config):
+def _check_splits(splits):
+    """splits, if None or a positive int; else a ValueError naming it."""
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
+                               or splits < 1):
+        raise ValueError(f"splits must be None or a positive int, got {splits!r}")
+    return splits
+
+
+def _check_config(config, keys=("BLOCK_R", "BLOCK_C", "BLOCK_D")):
+    """config, if a dict whose tile sizes (keys) are powers of two >= 16."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
-    for k in ("BLOCK_R", "BLOCK_C", "BLOCK_D"):
+    for k in keys:
         v = config.get(k)
-        if not isinstance(v, int) or v < 16 or v & (v - 1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"config[{k!r}] must be a power of two >= 16, got {v!r}")
     return config
 

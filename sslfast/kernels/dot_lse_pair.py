@@ -36,8 +36,6 @@ torch.use_deterministic_algorithms(True) the launchers use the atomic-free
 one-direction kernels instead.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -45,9 +43,12 @@ import triton.language as tl
 from sslfast.kernels.dot_lse import (
     _INTERPRET,
     _LOG2E,
+    _check_config,
     _check_qk,
+    _check_splits,
     _mm,
     _online_lse,
+    _pick_config,
     _resident_tile,
     _row_vector,
     _scale_tensor,
@@ -311,10 +312,7 @@ def _auto_splits(row_tiles, col_tiles, device):
 def _launch(kernel, tuned, config, R, C, D, splits, *args):
     """Over a (row tiles, splits) grid; splits None: _auto_splits of the config's tiles.
     More splits than column tiles would only add idle programs: clamped."""
-    if config is None and _INTERPRET:
-        config = _INTERPRET_CONFIG
-    if config is None and os.environ.get("SSLFAST_TRITON_AUTOTUNE", "1") == "0":
-        config = _FIXED_GPU_CONFIG
+    config = _pick_config(config, _INTERPRET_CONFIG, _FIXED_GPU_CONFIG)
     device = args[0].device
 
     def grid(meta):
@@ -324,26 +322,11 @@ def _launch(kernel, tuned, config, R, C, D, splits, *args):
     if config is None:
         tuned[grid](*args)
         return
-    _check_config(config)
+    _check_config(config, ("BLOCK", "BLOCK_D"))
     meta = {"BLOCK": config["BLOCK"], "BLOCK_D": config["BLOCK_D"]}
     kernel[grid(meta)](*args, **meta, SINGLE_D=D <= meta["BLOCK_D"],
                        num_warps=config.get("num_warps", 4),
                        num_stages=config.get("num_stages", 1))
-
-
-def _check_config(config):
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
-    for k in ("BLOCK", "BLOCK_D"):
-        v = config.get(k)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
-            raise ValueError(f"config[{k!r}] must be a power of two >= 16, got {v!r}")
-
-
-def _check_splits(splits):
-    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
-                               or splits < 1):
-        raise ValueError(f"splits must be None or a positive int, got {splits!r}")
 
 
 def _use_atomics():

@@ -219,9 +219,7 @@ def _cpu_pair(x, y, scale, need_dx, need_dy, need_ds):
         logits = torch.mm(xf[r0:r1], yf.t()).mul_(s)
         m = logits.amax(dim=1)
         lse_x[r0:r1] = torch.sub(logits, m[:, None]).exp_().sum(dim=1).log_().add_(m)
-        new_m = torch.maximum(col_m, logits.amax(dim=0))
-        col_l.mul_(torch.exp(col_m - new_m)).add_(logits.sub_(new_m[None, :]).exp_().sum(dim=0))
-        col_m = new_m
+        _online_update(col_m, col_l, logits, 0)
     lse_y = col_l.log_().add_(col_m)
     if not (need_dx or need_dy or need_ds):
         return lse_x, lse_y, None, None, None
