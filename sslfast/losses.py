@@ -205,4 +205,6 @@ class DINOLoss(nn.Module):
             torch.distributed.all_reduce(batch_center)
             batch_center = batch_center / distributed.world_size()
         m = self.center_momentum
-        self.center.copy_(self.center * m + batch_center.view_as(self.center) * (1 - m))
+        # Replaced, not updated in place: dino_loss saved the old center for the backward.
+        self.center = (self.center * m + batch_center.view_as(self.center) * (1 - m)).to(
+            self.center.dtype)

@@ -417,6 +417,22 @@ def test_triton_backend(T, S, n, k, dtype):
 
 
 @needs_triton
+def test_triton_backend_takes_crop_tensors_as_given():
+    """(crops, N, K) tensors go to the kernels without a stack (a strided one made
+    contiguous there): the same loss and gradient as the lists of crops."""
+    teacher, student, center = _inputs(2, 3, 5, 40, torch.float32, TRITON_DEVICE)
+    t = torch.stack(teacher)
+    s = torch.stack([x.detach() for x in student], 1).transpose(0, 1).requires_grad_()
+    assert not s.is_contiguous()
+    loss = dino_loss(t, s, center, backend="triton")
+    crops = [x.detach().clone().requires_grad_() for x in s.unbind(0)]
+    loss_list = dino_loss(list(t), crops, center, backend="triton")
+    torch.testing.assert_close(loss, loss_list)
+    (g,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(g, torch.stack(torch.autograd.grad(loss_list, crops)))
+
+
+@needs_triton
 def test_triton_launcher_errors():
     from sslfast.kernels.dino import dino_forward
 

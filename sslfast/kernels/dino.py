@@ -18,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sslfast.kernels.dot_lse import _INTERPRET, _check_splits, _sm_count
+from sslfast.kernels.dot_lse import (
+    _INTERPRET,
+    _check_config,
+    _check_splits,
+    _pick_config,
+    _sm_count,
+)
 
 __all__ = ["dino_forward", "dino_backward"]
 
@@ -145,14 +151,10 @@ def _dino_bwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_pt
 
 
 def _config(config):
-    if config is None:
-        return _INTERPRET_CONFIG if _INTERPRET else _GPU_CONFIG
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
-    v = config.get("BLOCK_K")
-    if not isinstance(v, int) or v < 16 or v & (v - 1):
-        raise ValueError(f"config['BLOCK_K'] must be a power of two >= 16, got {v!r}")
-    return {"BLOCK_K": v, "num_warps": config.get("num_warps", 4)}
+    """The caller's config, checked, else the interpreter's or the GPU's (no autotuning)."""
+    config = _pick_config(config, _INTERPRET_CONFIG, _GPU_CONFIG)
+    config = _check_config(_GPU_CONFIG if config is None else config, ("BLOCK_K",))
+    return {"BLOCK_K": config["BLOCK_K"], "num_warps": config.get("num_warps", 4)}
 
 
 def _split_plan(S, N, K, block, splits, device):

@@ -49,9 +49,10 @@ class DINO(Method):
 
     def forward(self, views):
         views = check_views(views, 2, "DINO")
-        teacher_out = list(self._teacher_forward(torch.cat(views[:2])).chunk(2))
+        teacher_out = self._teacher_forward(torch.cat(views[:2]))
         student_out = self._student_forward(views)
-        teacher_out = [t.to(student_out[0].dtype) for t in teacher_out]
+        # (2, N, K): one view of the teacher's pass, which the fused loss takes as it is
+        teacher_out = teacher_out.to(student_out[0].dtype).view(2, -1, teacher_out.shape[-1])
         return self.criterion(teacher_out, student_out, epoch=self.epoch)
 
     def before_optimizer_step(self):

@@ -39,10 +39,11 @@ def check_same_shape(a, a_name, b, b_name):
         raise ValueError(f"{a_name} has shape {tuple(a.shape)} but {b_name} has {tuple(b.shape)}")
 
 
-def scale_tensor(value, name, like, invert):
+def scale_tensor(value, name, like, invert, positive=False):
     """A 0-dim tensor on ``like``'s device, float32 (float64 for float64
-    features): 1/value (a temperature) or value (a logit scale). A tensor keeps
-    its autograd graph; a float makes no host sync."""
+    features): 1/value (a temperature) or value (a logit scale); ``positive``:
+    value must be > 0. A tensor keeps its autograd graph (a CPU one is checked);
+    a float makes no host sync."""
     device = like.device
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     if isinstance(value, torch.Tensor):
@@ -50,17 +51,20 @@ def scale_tensor(value, name, like, invert):
             raise ValueError(f"{name} must be a float or a 0-dim floating tensor, got shape "
                              f"{tuple(value.shape)} and dtype {value.dtype}")
         if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_scalar(float(value.detach()), name, invert)
+            check_scalar(float(value.detach()), name, invert, positive)
         t = value.to(device=device, dtype=dtype)
         return 1.0 / t if invert else t
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    _check_scalar(float(value), name, invert)
+    check_scalar(float(value), name, invert, positive)
     v = 1.0 / float(value) if invert else float(value)
     return torch.full((), v, dtype=dtype, device=device)
 
 
-def _check_scalar(v, name, invert):
+def check_scalar(v, name, invert=False, positive=False):
+    """v finite (and > 0 if positive; |v| >= 1e-8 if it is inverted)."""
+    if positive and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {v}")
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if invert and abs(v) < 1e-8:

@@ -19,14 +19,13 @@ definition). Registered as the custom ops ``sslfast::dino_loss`` and
 ``sslfast::dino_loss_backward`` with fake implementations and autograd.
 """
 
-import math
 import numbers
 from typing import List, Tuple  # noqa: UP035 - torch.library reads these
 
 import torch
 
 from sslfast._backend import resolve_backend, without_autocast
-from sslfast.ops._contrastive import check_features
+from sslfast.ops._contrastive import check_features, check_same_shape, check_scalar, scale_tensor
 from sslfast.reference.dino import dino_reference
 
 _CPU_BLOCK_ELEMS = 1 << 22  # 16 MiB of float32 temporaries per block of rows
@@ -197,8 +196,7 @@ def _setup_context(ctx, inputs, output):
     ctx.eager = backend == "cpu" and need_grad
     ctx.n_teacher, ctx.sizes = len(teacher), [x.shape[0] for x in student]
     ctx.student_temp, ctx.backend, ctx.dtype = student_temp, backend, student[0].dtype
-    # Eager: grad1 is all the backward needs. Else the center and temperature saved are
-    # dino_loss's copies: the module updates its center in place before the backward.
+    # Eager: grad1 is all the backward needs.
     saved = [grad1] if ctx.eager else [*teacher, *student, center, teacher_temp, lse_t, lse_s]
     ctx.save_for_backward(*saved)
     ctx.set_materialize_grads(False)
@@ -236,6 +234,11 @@ def _crop_list(x, name):
     return list(x)
 
 
+def _stacked(given, crops):
+    """One (crops, N, K) tensor: the one given (no copy), else the crops stacked."""
+    return given if isinstance(given, torch.Tensor) else torch.stack(crops)
+
+
 def _check_crop(x, name, first, first_name, teacher0):
     """x: a floating (N, K) tensor, N, K >= 1, of first's dtype, on teacher_out[0]'s
     device and of its shape. Finiteness is checked only if the loss is not finite."""
@@ -244,9 +247,7 @@ def _check_crop(x, name, first, first_name, teacher0):
     check_features(x, name, first, first_name, finite=False)
     if x.device != teacher0.device:
         raise ValueError(f"{name} is on {x.device} but teacher_out[0] is on {teacher0.device}")
-    if x.shape != teacher0.shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but teacher_out[0] has "
-                         f"{tuple(teacher0.shape)}")
+    check_same_shape(x, name, teacher0, "teacher_out[0]")
 
 
 def _check_center(center, like):
@@ -263,29 +264,6 @@ def _check_center(center, like):
     if center.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(center).all()):
             raise ValueError("center contains NaN or Inf")
-
-
-def _check_positive(v, name):
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {v}")
-
-
-def _teacher_temp_tensor(value, like):
-    """A 0-dim tensor on like's device (float32, float64 for float64 outputs), detached.
-    A tensor on a GPU is not checked (that would sync)."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise ValueError(f"teacher_temp must be a float or a 0-dim floating tensor, got shape "
-                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_positive(float(value.detach()), "teacher_temp")
-        return value.detach().to(device=like.device, dtype=dtype)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"teacher_temp must be a float or a 0-dim tensor, got "
-                        f"{type(value).__name__}")
-    _check_positive(float(value), "teacher_temp")
-    return torch.full((), float(value), dtype=dtype, device=like.device)
 
 
 def dino_loss(teacher_out, student_out, center, teacher_temp=0.04, student_temp=0.1,
@@ -313,9 +291,9 @@ def dino_loss(teacher_out, student_out, center, teacher_temp=0.04, student_temp=
     _check_center(center, teacher[0])
     if isinstance(student_temp, bool) or not isinstance(student_temp, numbers.Real):
         raise TypeError(f"student_temp must be a float, got {type(student_temp).__name__}")
-    _check_positive(float(student_temp), "student_temp")
+    check_scalar(float(student_temp), "student_temp", positive=True)
     like = student[0] if student[0].dtype == torch.float64 else teacher[0]
-    tt = _teacher_temp_tensor(teacher_temp, like)
+    tt = scale_tensor(teacher_temp, "teacher_temp", like, invert=False, positive=True).detach()
     name = resolve_backend(backend, teacher[0].device, "dino_loss", IMPLEMENTED,
                            gpu_default="triton")
     if name == "triton" and torch.float64 in (teacher[0].dtype, student[0].dtype):
@@ -323,13 +301,13 @@ def dino_loss(teacher_out, student_out, center, teacher_temp=0.04, student_temp=
                         "use backend='cpu' or 'reference' for float64")
     teacher = [x.detach() for x in teacher]
     if name == "triton":  # the kernels take one (crops, N, K) tensor per side
-        t_in, s_in = [torch.stack(teacher)], [torch.stack(student)]
+        t_in, s_in = [_stacked(teacher_out, teacher).detach()], [_stacked(student_out, student)]
     else:
         t_in, s_in = [x.unsqueeze(0) for x in teacher], [x.unsqueeze(0) for x in student]
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in student)
+    # Saved for the backward as they are: changing the center in place before the
+    # backward is an autograd error (DINOLoss replaces its center instead).
     center = center.detach().reshape(-1)
-    if need_grad and name != "cpu":  # saved for the backward: copies (see _setup_context)
-        center, tt = center.clone(), tt.clone()
     loss = dino_loss_op(t_in, s_in, center, tt, float(student_temp), name, need_grad)[0]
     # NaN / Inf in the inputs shows in the loss: only then are they looked for (on the
     # CPU, where reading the loss costs no sync), to name the argument.
