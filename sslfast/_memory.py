@@ -47,6 +47,9 @@ def _reset_rss_peak():
         return False
 
 
+_keeping_freed_memory = False  # set by keep_freed_memory; peak_memory restores it
+
+
 def peak_memory(fn, device):
     """(fn's result, bytes allocated at the peak of fn beyond what was live before).
 
@@ -74,6 +77,8 @@ def peak_memory(fn, device):
     finally:
         if _LIBC is not None:
             _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            if _keeping_freed_memory:
+                keep_freed_memory()
 
 
 def keep_freed_memory():
@@ -82,7 +87,9 @@ def keep_freed_memory():
     VM the kernel's time then rivals the model's). Keep them in the heap instead, and
     do not trim it: a loop's steady working set stays resident. Returns whether it
     took effect (glibc only)."""
+    global _keeping_freed_memory
     if _LIBC is None:
         return False
-    return bool(_LIBC.mallopt(_M_MMAP_MAX, 0)) and \
+    _keeping_freed_memory = bool(_LIBC.mallopt(_M_MMAP_MAX, 0)) and \
         bool(_LIBC.mallopt(_M_TRIM_THRESHOLD, 2**30))
+    return _keeping_freed_memory

@@ -114,8 +114,15 @@ def test_torchrun_rejects_a_batch_not_divisible_by_the_world(tmp_path, monkeypat
     (["--batch-size", "4096"], "--batch-size 4096 is larger than the training set"),
     (["--queue-size", "8"], "--queue-size does not apply to --method simclr"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--knn-k", "0"], "--knn-k must be >= 1"),
+    (["--knn-t", "0"], "--knn-t must be positive"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--hidden-dim", "-1"], "--hidden-dim must be >= 1"),
+    (["--max-images", "0"], "--max-images must be >= 1"),
+    (["--val-data", "."], "--val-data needs --data"),
 ])
 def test_bad_arguments(argv, message, tmp_path, capsys):
+    """Every setting is checked before anything runs or is written."""
     out = tmp_path / "r"
     assert main(["--output-dir", str(out), *TINY, *argv]) == 2
     assert message in capsys.readouterr().err
@@ -208,21 +215,6 @@ def test_keep_freed_memory_then_peak_memory_still_counts():
     if peak is None:
         pytest.skip("the OS cannot reset the RSS peak")
     assert peak >= 60 << 20
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--knn-k", "0"], "--knn-k must be >= 1"),
-    (["--knn-t", "0"], "--knn-t must be positive"),
-    (["--temperature", "0"], "--temperature must be positive"),
-    (["--hidden-dim", "-1"], "--hidden-dim must be >= 1"),
-    (["--max-images", "0"], "--max-images must be >= 1"),
-    (["--val-data", "."], "--val-data needs --data"),
-])
-def test_settings_checked_before_anything_runs(argv, message, tmp_path, capsys):
-    out = tmp_path / "r"
-    assert main(["--output-dir", str(out), *TINY, *argv]) == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
 
 
 def test_resume_from_a_checkpoint_file_in_the_working_directory(tmp_path, monkeypatch, capsys):

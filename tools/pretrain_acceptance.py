@@ -19,9 +19,6 @@ import torch
 
 from sslfast.bench import harness
 
-RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
-                       "pretrain_embedded.jsonl")
-
 
 def main(argv):
     write = "--no-write" not in argv
@@ -49,9 +46,7 @@ def main(argv):
         "knn_k": knn.get("k"), "knn_t": knn.get("t"),
     }
     print(json.dumps(record, indent=1))
-    if write:
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    harness.finish("pretrain_embedded", [record], write)
     return 0
 
 

@@ -380,17 +380,15 @@ def make_loader(
     drop_last: bool,
     num_workers: int,
     sampler=None,
-    generator: torch.Generator | None = None,
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader of encoded batches (``collate_encoded``).
 
     With a ``sampler`` (e.g. a ``DistributedSampler``) the sampler decides the order
-    and ``shuffle`` is ignored. Without a ``generator``, one seeded with ``seed``
-    makes the shuffle order (and the workers' base seed) reproducible.
+    and ``shuffle`` is ignored. A generator seeded with ``seed`` makes the shuffle
+    order (and the workers' base seed) reproducible.
     """
-    if generator is None:
-        generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -37,8 +37,7 @@ class LARS(Optimizer):
                     p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
                     trust = torch.where((p_norm > 0) & (g_norm > 0),
                                         group["trust_coefficient"] * p_norm
-                                        / (g_norm + group["eps"]),
-                                        torch.ones_like(p_norm))
+                                        / (g_norm + group["eps"]), 1.0)
                     g = g.mul(trust)  # a device tensor: no host sync
                 state = self.state[p]
                 if "momentum_buffer" not in state:

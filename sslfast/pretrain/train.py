@@ -140,7 +140,7 @@ def pretrain(args):
         out_dir, resuming = _output_dir(args.output_dir, args.resume, s["method"])
         ckpt = None
         if resuming:
-            ckpt_path, ckpt = checkpoint.load(args.resume, s)
+            _, ckpt = checkpoint.load(args.resume, s)
         if world > 1:  # one folder name for all ranks (the timestamp)
             box = [out_dir]
             dist.broadcast_object_list(box, src=0)
