@@ -261,7 +261,8 @@ def _dot_lse_pair_bwd_kernel(
 
 _INTERPRET_CONFIG = {"BLOCK": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
 # SSLFAST_TRITON_AUTOTUNE=0 (the test suite): one config for the forward and the backward.
-# 8 warps: with 4, the backward's 64 x 64 bf16 tiles use all 255 registers and spill.
+# 8 warps: the backward holds x and y tiles, a (64, BLOCK_D) fp32 accumulator and a
+# W^T x product; 4 warps leave too few registers per thread for all of them.
 _FIXED_GPU_CONFIG = {"BLOCK": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 2}
 # The finalize kernel runs its loop only for rows that need it: one fixed config.
 _FINALIZE_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2}
@@ -280,7 +281,7 @@ _FWD_CONFIGS = [
     _cfg(128, 32, 4, 4),
 ]
 # The backward holds a (BLOCK, BLOCK_D) fp32 accumulator and a W^T x product as well
-# (128 x 128 tiles would need ~190 KiB of shared memory in fp32: more than sm_80 has).
+# (no 128 x 128 tiles: their fp32 operands outgrow an A100's shared memory).
 _BWD_CONFIGS = [
     _cfg(64, 64, 4, 2),
     _cfg(64, 128, 8, 2),
