@@ -386,6 +386,18 @@ def test_bad_inputs():
         dot_lse_pair_backward(x, None, s, lse_x, lse_x, lse_x, None)
 
 
+@pytest.mark.parametrize("tiles", [1, 3, 32, 256, 4096])
+def test_auto_splits(tiles):
+    # Enough programs to fill 132 SMs where the tiles allow; never more splits than tiles.
+    for symmetric, per_sm in ((False, pair._PROGRAMS_PER_SM),
+                              (True, pair._PROGRAMS_PER_SM_SYMMETRIC)):
+        splits = pair._auto_splits(tiles, tiles, 132, symmetric)
+        assert 1 <= splits <= min(tiles, pair._MAX_SPLITS)
+        if splits < min(tiles, pair._MAX_SPLITS):
+            assert splits * tiles >= per_sm * 132
+        assert (splits - 1) * tiles < per_sm * 132 or splits == 1
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

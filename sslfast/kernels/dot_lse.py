@@ -514,7 +514,8 @@ def _scale_tensor(scale, device):
                              f"of shape {tuple(scale.shape)}")
         return scale.detach().reshape(()).to(device=device, dtype=torch.float32)
     if isinstance(scale, (int, float)):
-        return torch.tensor(float(scale), dtype=torch.float32, device=device)
+        # a fill, not torch.tensor: that would be a host-to-device copy on every call
+        return torch.full((), float(scale), dtype=torch.float32, device=device)
     raise TypeError(f"scale must be a 0-dim float32 tensor, got {type(scale).__name__}")
 
 

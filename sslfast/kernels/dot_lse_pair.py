@@ -77,16 +77,18 @@ def _tile_sums(s2, ok, m_row, m_col):
 @triton.jit
 def _row_tile(x_ptr, R, stride_x, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
               SINGLE_D: tl.constexpr):
-    """This program's row tile: its split index and the splits' count, rows, their mask,
-    the D offsets, row pointers and the resident tile (when D is one chunk)."""
-    pid_s = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """This program's row tile: its index, its split index and the splits' count, rows,
+    their mask, the D offsets, row pointers and the resident tile (when D is one chunk).
+    The grid is (splits, row tiles): a row tile's splits are launched one after another."""
+    pid_s = tl.program_id(0)
+    pid = tl.program_id(1)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < R
     offs_d = tl.arange(0, BLOCK_D)
     x_rows_ptr = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     x_res = _resident_tile(x_rows_ptr, row_ok, offs_d, D,
                            tl.zeros([BLOCK, BLOCK_D], dtype=x_ptr.dtype.element_ty), SINGLE_D)
-    return pid_s, tl.num_programs(1), rows, row_ok, offs_d, x_rows_ptr, x_res
+    return pid, pid_s, tl.num_programs(0), rows, row_ok, offs_d, x_rows_ptr, x_res
 
 
 @triton.jit
@@ -101,8 +103,7 @@ def _dot_lse_pair_fwd_kernel(
     SYMMETRIC (y is x, sum_y is sum_x): split 0 takes the diagonal tile (rows only, the
     diagonal itself left out if EXCLUDE_DIAG), then the splits share the tiles J > I."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    pid = tl.program_id(0)
-    pid_s, n_split, rows, row_ok, offs_d, x_rows_ptr, x_res = _row_tile(
+    pid, pid_s, n_split, rows, row_ok, offs_d, x_rows_ptr, x_res = _row_tile(
         x_ptr, R, stride_x, D, BLOCK, BLOCK_D, SINGLE_D)
     qk_scale = tl.load(scale_ptr).to(tl.float32) * LOG2E
     m_row = tl.load(shift_x_ptr + rows, mask=row_ok, other=0.0)
@@ -205,8 +206,7 @@ def _dot_lse_pair_bwd_kernel(
     g and h are divided by g_norm (max |g|, |h|) inside the
     tile products, which keeps the low-precision operand W in [0, 2]."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    pid = tl.program_id(0)
-    pid_s, n_split, rows, row_ok, offs_d, x_rows_ptr, x_res = _row_tile(
+    pid, pid_s, n_split, rows, row_ok, offs_d, x_rows_ptr, x_res = _row_tile(
         x_ptr, R, stride_x, D, BLOCK, BLOCK_D, SINGLE_D)
     dx_rows_ptr = dx_ptr + rows.to(tl.int64)[:, None] * D
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -298,27 +298,33 @@ _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "SYMMETRIC", "NEED_
                              reset_to_zero=["dx_ptr", "dy_ptr", "dscale_ptr"])(
     _single_d(_dot_lse_pair_bwd_kernel))
 
-# Splits of each row tile's column tiles: enough programs for about four per SM.
+# Splits of each row tile's column tiles: enough programs for about four per SM, or
+# eight on the symmetric triangle, whose row tile I holds T - I tiles: the grid is
+# (splits, row tiles), so programs are launched heaviest first (row tile 0's splits,
+# then row tile 1's, ...) and the finer pieces fill the last wave
+# (tools/grid_balance.py models it).
 _PROGRAMS_PER_SM = 4
+_PROGRAMS_PER_SM_SYMMETRIC = 8
 _MAX_SPLITS = 64
 
 
-def _auto_splits(row_tiles, col_tiles, device):
-    sms = _sm_count(device)
-    if sms is None:
-        return 1  # the interpreter: tests pass splits explicitly
-    return max(1, min(triton.cdiv(_PROGRAMS_PER_SM * sms, row_tiles), col_tiles, _MAX_SPLITS))
+def _auto_splits(row_tiles, col_tiles, sms, symmetric):
+    """The splits of each row tile's column tiles, on a GPU with sms SMs."""
+    per_sm = _PROGRAMS_PER_SM_SYMMETRIC if symmetric else _PROGRAMS_PER_SM
+    return max(1, min(triton.cdiv(per_sm * sms, row_tiles), col_tiles, _MAX_SPLITS))
 
 
-def _launch(kernel, tuned, config, R, C, D, splits, *args):
-    """Over a (row tiles, splits) grid; splits None: _auto_splits of the config's tiles.
-    More splits than column tiles would only add idle programs: clamped."""
+def _launch(kernel, tuned, config, R, C, D, splits, symmetric, *args):
+    """Over a (splits, row tiles) grid; splits None: _auto_splits of the config's tiles
+    (1 in the interpreter: tests pass splits explicitly). More splits than column tiles
+    would only add idle programs: clamped."""
     config = _pick_config(config, _INTERPRET_CONFIG, _FIXED_GPU_CONFIG)
-    device = args[0].device
+    sms = _sm_count(args[0].device)
 
     def grid(meta):
         rt, ct = triton.cdiv(R, meta["BLOCK"]), triton.cdiv(C, meta["BLOCK"])
-        return rt, max(1, min(splits or _auto_splits(rt, ct, device), ct))
+        auto = 1 if sms is None else _auto_splits(rt, ct, sms, symmetric)
+        return max(1, min(splits or auto, ct)), rt
 
     if config is None:
         tuned[grid](*args)
@@ -408,7 +414,7 @@ def dot_lse_pair_forward(x, y, scale, *, exclude_diagonal=False, config=None, sp
     sum_x = torch.zeros(R, dtype=torch.float32, device=x.device)
     sum_y = sum_x if symmetric else torch.zeros(C, dtype=torch.float32, device=x.device)
     _launch(
-        _dot_lse_pair_fwd_kernel, _fwd_tuned, config, R, C, D, splits,
+        _dot_lse_pair_fwd_kernel, _fwd_tuned, config, R, C, D, splits, symmetric,
         x, y, scale_t, shift_x, shift_x if symmetric else shift_y, sum_x, sum_y,
         R, C, x.stride(0), y.stride(0),
         D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32,
@@ -457,7 +463,7 @@ def dot_lse_pair_backward(x, y, scale, lse_x, lse_y, grad_x, grad_y, *, exclude_
     dy = torch.zeros((C, D), dtype=torch.float32, device=dev) if need_dy else dx
     ds = torch.zeros(R, dtype=torch.float32, device=dev)
     _launch(
-        _dot_lse_pair_bwd_kernel, _bwd_tuned, config, R, C, D, splits,
+        _dot_lse_pair_bwd_kernel, _bwd_tuned, config, R, C, D, splits, symmetric,
         x, y, scale_t, lse_x, lse_y, g_x, g_y, g_norm, dx, dy, ds,
         R, C, x.stride(0), y.stride(0),
         D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32, need_dy or symmetric,
