@@ -178,6 +178,10 @@ def test_bad_input():
         dino_loss(t, [s[0], torch.randn(4, 9)], c)
     with pytest.raises(ValueError, match=r"student_out\[0\] has shape \(5, 8\)"):
         dino_loss(t, [torch.randn(5, 8), torch.randn(5, 8)], c)
+    with pytest.raises(ValueError, match=r"student_out\[1\] is an empty group"):
+        dino_loss(t, [s[0], torch.randn(0, 4, 8)], c)
+    with pytest.raises(ValueError, match=r"student_out\[1\]\[0\] has shape \(4, 9\)"):
+        dino_loss(t, [s[0], torch.randn(2, 4, 9)], c)
     with pytest.raises(ValueError, match=r"teacher_out\[0\] must be 2-D"):
         dino_loss([torch.randn(8)], s, c)
     with pytest.raises(ValueError, match=r"teacher_out\[0\] is empty"):
@@ -246,6 +250,16 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.sslfast.dino_loss_backward.default,
                           (t_in, [x.detach() for x in s_in], center.view(-1), tt, 0.1,
                            torch.empty(0), torch.empty(0), torch.tensor(1.5), "reference"))
+
+
+@needs_triton
+def test_opcheck_triton_two_groups():
+    teacher, student, center = _inputs(2, 3, 4, 9, device=TRITON_DEVICE)
+    s_in = [torch.stack([x.detach() for x in student[:2]]).requires_grad_(),
+            student[2].detach().unsqueeze(0).requires_grad_()]
+    tt = torch.tensor(0.05, device=TRITON_DEVICE)
+    torch.library.opcheck(torch.ops.sslfast.dino_loss.default,
+                          ([torch.stack(teacher)], s_in, center.view(-1), tt, 0.1, "triton", True))
 
 
 def test_compile_fullgraph():
@@ -433,6 +447,62 @@ def test_triton_backend_takes_crop_tensors_as_given():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_triton_kernels_two_student_groups(dtype, splits):
+    """Student crops given as two groups: the same lse, terms and gradient, bit for bit,
+    as the same crops stacked into one tensor."""
+    from sslfast.kernels.dino import dino_backward, dino_forward
+
+    teacher, student, center = _inputs(2, 5, 3, 40, dtype, TRITON_DEVICE)
+    t, s = torch.stack(teacher), torch.stack([x.detach() for x in student])
+    groups = [s[:2].clone(), s[2:].clone()]
+    cfg = {"BLOCK_K": 16, "num_warps": 4}
+    one = dino_forward(t, s, center, 20.0, 0.2, config=cfg, splits=splits)
+    two = dino_forward(t, groups, center, 20.0, 0.2, config=cfg, splits=splits)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    ds_one = dino_backward(t, s, center, 20.0, 0.2, *one[:2], 1.5, config=cfg, splits=splits)
+    ds_two = dino_backward(t, groups, center, 20.0, 0.2, *one[:2], 1.5, config=cfg,
+                           splits=splits)
+    assert torch.equal(ds_one, ds_two)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"]
+                         + (["triton"] if HAS_TRITON else []))
+def test_crop_groups(backend, monkeypatch):
+    """A list of (c, N, K) crop groups and (N, K) crops: the loss and gradients of the
+    same crops one by one; the triton backend reads two student groups where they are."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    teacher, student, center = _inputs(2, 5, 3, 24, torch.float32, device)
+    globals_ = torch.stack([x.detach() for x in student[:2]]).requires_grad_()
+    locals_ = torch.stack([x.detach() for x in student[2:]]).requires_grad_()
+    seen = []
+    if backend == "triton":
+        from sslfast.kernels import dino as kernels
+
+        forward = kernels.dino_forward
+
+        def spy(t, s, *args, **kw):
+            seen.append([g.data_ptr() for g in s])
+            return forward(t, s, *args, **kw)
+
+        monkeypatch.setattr(kernels, "dino_forward", spy)
+    loss = dino_loss([teacher[0][None], teacher[1]], [globals_, locals_], center,
+                     backend=backend)
+    ref = dino_loss(teacher, student, center, backend=backend)
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(loss, [globals_, locals_])
+    ref_grads = torch.autograd.grad(ref, student)
+    torch.testing.assert_close(torch.cat(grads), torch.stack(ref_grads))
+    if backend == "triton":
+        assert seen[0] == [globals_.data_ptr(), locals_.data_ptr()]
+        # three groups are joined into one copy
+        dino_loss(teacher, [globals_, locals_[:1], locals_[1:]], center, backend=backend)
+        assert len(seen[1]) == 1
+
+
+@needs_triton
 def test_triton_launcher_errors():
     from sslfast.kernels.dino import dino_forward
 
@@ -443,6 +513,13 @@ def test_triton_launcher_errors():
         dino_forward(t, t, torch.zeros(9, device=TRITON_DEVICE), 10.0, 0.1)
     with pytest.raises(ValueError, match="BLOCK_K"):
         dino_forward(t, t, torch.zeros(8, device=TRITON_DEVICE), 10.0, 0.1, config={"BLOCK_K": 24})
+    with pytest.raises(ValueError, match="one or two crop groups, got 3"):
+        dino_forward(t, [t, t, t], torch.zeros(8, device=TRITON_DEVICE), 10.0, 0.1)
+    with pytest.raises(TypeError, match="student groups must share a dtype"):
+        dino_forward(t, [t, t.half()], torch.zeros(8, device=TRITON_DEVICE), 10.0, 0.1)
+    with pytest.raises(ValueError, match=r"student\[1\] \(2, 4, 8\)"):
+        dino_forward(t, [t, torch.randn(2, 4, 8, device=TRITON_DEVICE)],
+                     torch.zeros(8, device=TRITON_DEVICE), 10.0, 0.1)
     with pytest.raises(TypeError, match="triton backend takes float32"):
         dino_loss(list(t.double()), list(t.double()), torch.zeros(8, device=TRITON_DEVICE),
                   backend="triton")
@@ -493,3 +570,14 @@ def test_cuda_memory():
     _, peak = peak_memory(step, "cuda")
     unit = n * k * 2
     assert peak < (T + 2 * S) * unit * 1.1 + (8 << 20), f"peak {peak / 2**20:.0f} MiB"
+    # A (T, N, K) teacher and two student groups (DINO's global and local crops) are
+    # read where they are: beyond the inputs only the gradient.
+    t_all = torch.stack(teacher)
+    groups = [torch.stack([x.detach() for x in part]).requires_grad_()
+              for part in (student[:2], student[2:])]
+    step = lambda: dino_loss(t_all, groups, center).backward()  # noqa: E731
+    step()
+    for g in groups:
+        g.grad = None
+    _, peak = peak_memory(step, "cuda")
+    assert peak < S * unit * 1.1 + (8 << 20), f"peak {peak / 2**20:.0f} MiB (groups)"

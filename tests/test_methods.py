@@ -150,6 +150,22 @@ def test_dino_student_sees_all_views_teacher_the_global_ones():
     assert seen == [torch.Size([16, 3, SIZE, SIZE])]
 
 
+def test_dino_student_outputs_grouped_by_resolution():
+    """Adjacent views of one resolution come back as one (views, N, K) group (read by the
+    fused loss without a stack); views of a resolution that are not adjacent, one by one.
+    Eval mode: batch norm's running statistics, so outputs do not depend on batching."""
+    method = make("dino").eval()
+    views = method.augment(images(), torch.Generator().manual_seed(5))
+    single = [method.encoder(v) for v in views]
+    grouped = method._student_forward(views)
+    assert [g.shape[:2] for g in grouped] == [(2, 8), (2, 8)]
+    torch.testing.assert_close(torch.cat([g.flatten(0, 1) for g in grouped]), torch.cat(single))
+    order = (0, 2, 1, 3)
+    mixed = method._student_forward([views[i] for i in order])
+    assert [z.shape for z in mixed] == [single[i].shape for i in order]
+    torch.testing.assert_close(torch.cat(mixed), torch.cat([single[i] for i in order]))
+
+
 def test_feature_dim_inferred_for_torchvision_and_timm():
     torchvision = pytest.importorskip("torchvision")
     timm = pytest.importorskip("timm")

@@ -7,7 +7,11 @@ center's EMA update, the backward to the student crops):
              the center update as lightly's
   lightly    lightly.loss.DINOLoss (bf16 inputs under autocast: it mixes its float32
              center with the teacher)
-  sslfast    sslfast.DINOLoss
+  sslfast    sslfast.DINOLoss on the same lists of crops (the kernels get them stacked)
+  sslfast_groups
+             sslfast.DINOLoss on a (T, N, K) teacher tensor and two student groups,
+             (T, N, K) global and (S - T, N, K) local crops, as sslfast.methods.DINO
+             passes them (one backbone pass per resolution): read where they are
 
 Cases: K = 65536 (DINO's output dimension), N in {64, 256} rows per crop, bf16 and
 fp32 on the GPU; smaller on the CPU (fp32). Bytes counted: the teacher and student
@@ -27,7 +31,7 @@ from sslfast.reference.dino import dino_reference
 
 OP = "dino"
 # Every provider the benchmark may run (those not installed are skipped with a note).
-PROVIDER_NAMES = ["reference", "lightly", "sslfast"]
+PROVIDER_NAMES = ["reference", "lightly", "sslfast", "sslfast_groups"]
 
 T, S = 2, 10  # 2 global crops (teacher and student) + 8 local crops (student)
 TEACHER_TEMP, STUDENT_TEMP, MOMENTUM = 0.04, 0.1, 0.9
@@ -78,10 +82,18 @@ def providers(case, device):
         out["lightly"] = lightly_step
     except ImportError:
         print("  lightly not installed: skipped")
-    ours = sslfast.DINOLoss(k, teacher_temp=TEACHER_TEMP, student_temp=STUDENT_TEMP,
-                            center_momentum=MOMENTUM).to(device)
-    out["sslfast"] = lambda: ours(teacher, student)
-    return harness.backward_steps(out, student)
+    def ours():
+        return sslfast.DINOLoss(k, teacher_temp=TEACHER_TEMP, student_temp=STUDENT_TEMP,
+                                center_momentum=MOMENTUM).to(device)
+
+    lists = ours()
+    out["sslfast"] = lambda: lists(teacher, student)
+    teacher_all = torch.stack(teacher)
+    groups = [torch.stack([x.detach() for x in part]).requires_grad_()
+              for part in (student[:T], student[T:])]
+    grouped = ours()
+    out["sslfast_groups"] = lambda: grouped(teacher_all, groups)
+    return harness.backward_steps(out, student + groups)
 
 
 def run(device, quick=False, write=True, progress=None, ceil=None):

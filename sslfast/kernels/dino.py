@@ -1,6 +1,8 @@
 """Triton kernels for the DINO loss (SEMANTICS.md §7): one pass over K per row.
 
-Teacher crops t (T, N, K), student crops s (S, N, K), center c (K,):
+Teacher crops t (T, N, K), student crops s (S, N, K) (given as one tensor or as two
+groups (S0, N, K) and (S - S0, N, K), e.g. one per crop resolution: not stacked),
+center c (K,):
 
     P_a = softmax((t_a - c) / tau_t),  x_b = s_b / tau_s,  Q_b = sum_{a != b} P_a,
     count_b = T - [b < T]
@@ -52,6 +54,16 @@ def _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale):
 
 
 @triton.jit
+def _student_row(s0_ptr, s1_ptr, S0, b, n, N, K):
+    """Student crop b's row n: in the first group (crops 0..S0-1) or in the second."""
+    if b < S0:
+        row = s0_ptr + (b * N + n).to(tl.int64) * K
+    else:
+        row = s1_ptr + ((b - S0) * N + n).to(tl.int64) * K
+    return row
+
+
+@triton.jit
 def _dino_teacher_lse_kernel(t_ptr, c_ptr, inv_tt_ptr, lse_ptr, K, BLOCK_K: tl.constexpr):
     """One program per teacher row (a * N + n): lse((t - c) / tau_t), in log2 units."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -74,8 +86,8 @@ def _dino_teacher_lse_kernel(t_ptr, c_ptr, inv_tt_ptr, lse_ptr, K, BLOCK_K: tl.c
 
 
 @triton.jit
-def _dino_fwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, term_ptr, part_ptr,
-                     T, S, N, K, inv_ts, cols_per_split,
+def _dino_fwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, term_ptr,
+                     part_ptr, T, S, S0, N, K, inv_ts, cols_per_split,
                      SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per (student crop b, row n, column split): the online lse of x_b and
     D = sum_k Q_b (x_b - m), m the running max (rescaled as m grows, by the Q mass seen).
@@ -88,7 +100,7 @@ def _dino_fwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, term
     split = tl.program_id(2)
     k_begin = split * cols_per_split
     k_end = tl.minimum(K, k_begin + cols_per_split)
-    s_row = s_ptr + (b * N + n).to(tl.int64) * K
+    s_row = _student_row(s0_ptr, s1_ptr, S0, b, n, N, K)
     t_scale = tl.load(inv_tt_ptr) * LOG2E
     x_scale = inv_ts * LOG2E
     m = tl.full([], float("-inf"), tl.float32)
@@ -121,11 +133,11 @@ def _dino_fwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, term
 
 
 @triton.jit
-def _dino_bwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_ptr, ds_ptr,
-                     T, N, K, inv_ts, coef, cols_per_split, BLOCK_K: tl.constexpr):
+def _dino_bwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_ptr,
+                     ds_ptr, T, S0, N, K, inv_ts, coef, cols_per_split, BLOCK_K: tl.constexpr):
     """One program per (student crop b, row n, column split):
     ds_b = g * coef * (count_b * softmax(x_b) - Q_b), coef = 1 / (tau_s n_terms N),
-    stored in the student's dtype."""
+    stored in the student's dtype to ds (S, N, K)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     b = tl.program_id(0)
     n = tl.program_id(1)
@@ -133,6 +145,7 @@ def _dino_bwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_pt
     k_begin = split * cols_per_split
     k_end = tl.minimum(K, k_begin + cols_per_split)
     row = (b * N + n).to(tl.int64)
+    s_row = _student_row(s0_ptr, s1_ptr, S0, b, n, N, K)
     t_scale = tl.load(inv_tt_ptr) * LOG2E
     x_scale = inv_ts * LOG2E
     lse2 = tl.load(lse_s_ptr + row)
@@ -141,7 +154,7 @@ def _dino_bwd_kernel(t_ptr, s_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_pt
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         ok = offs < k_end
-        x = tl.load(s_ptr + row * K + offs, mask=ok, other=0.0).to(tl.float32) * x_scale
+        x = tl.load(s_row + offs, mask=ok, other=0.0).to(tl.float32) * x_scale
         q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
         ds = scale * (count * tl.exp2(x - lse2) - q)
         tl.store(ds_ptr + row * K + offs, ds.to(ds_ptr.dtype.element_ty), mask=ok)
@@ -169,23 +182,35 @@ def _split_plan(S, N, K, block, splits, device):
 
 
 def _check(teacher, student, center):
-    for name, x in (("teacher", teacher), ("student", student)):
+    """(teacher, the student's one or two groups, center as float32), contiguous, and
+    the student crops' count S. With one group the kernels get it as both groups."""
+    groups = list(student) if isinstance(student, (list, tuple)) else [student]
+    if not 1 <= len(groups) <= 2:
+        raise ValueError(f"student must be a tensor or one or two crop groups, got "
+                         f"{len(groups)} groups")
+    named = [("teacher", teacher)] + [
+        ("student" if len(groups) == 1 else f"student[{i}]", g) for i, g in enumerate(groups)]
+    for name, x in named:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor (crops, N, K)")
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if teacher.shape[1:] != student.shape[1:] or teacher.shape[0] == 0 or student.shape[0] == 0:
-        raise ValueError(f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} "
-                         "must be (T, N, K) and (S, N, K) with T, S >= 1")
-    if teacher.device != student.device or center.device != student.device:
-        raise ValueError("teacher, student and center must be on one device")
-    if student.device.type != "cuda" and not _INTERPRET:
+        if x.shape[1:] != teacher.shape[1:] or x.shape[0] == 0:
+            raise ValueError(f"teacher {tuple(teacher.shape)} and {name} {tuple(x.shape)} "
+                             "must be (T, N, K) and (S, N, K) with T, S >= 1")
+        if x.device != center.device:
+            raise ValueError("teacher, student and center must be on one device")
+    if groups[-1].dtype != groups[0].dtype:
+        raise TypeError(f"the student groups must share a dtype, got {groups[0].dtype} and "
+                        f"{groups[-1].dtype}")
+    if center.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got "
-                         f"{student.device}")
-    if center.numel() != student.shape[2]:
-        raise ValueError(f"center has {center.numel()} elements, expected K={student.shape[2]}")
-    return (teacher.contiguous(), student.contiguous(),
-            center.reshape(-1).to(torch.float32).contiguous())
+                         f"{center.device}")
+    if center.numel() != teacher.shape[2]:
+        raise ValueError(f"center has {center.numel()} elements, expected K={teacher.shape[2]}")
+    groups = [g.contiguous() for g in groups]
+    return (teacher.contiguous(), groups, center.reshape(-1).to(torch.float32).contiguous(),
+            sum(g.shape[0] for g in groups))
 
 
 def _scalar(x, device):
@@ -205,14 +230,16 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
     loss = term.sum() / (n_terms N), n_terms = T S - min(T, S); lse_t and lse_s (for
     dino_backward) in log2 units: log2 sum_k 2^(z_k log2 e) = lse(z) log2 e.
 
-    teacher (T, N, K), student (S, N, K): float32/bfloat16/float16; center: K elements;
+    teacher (T, N, K), student (S, N, K) or a list of two crop groups (S0, N, K) and
+    (S - S0, N, K) read where they are (no stack): float32/bfloat16/float16 (the student
+    groups of one dtype); center: K elements;
     inv_teacher_temp: 1 / tau_t, a float or a 0-dim tensor (read on the device);
     student_temp: a float. config: None or {"BLOCK_K", "num_warps"}; splits: None
     (cut K when the (b, n) programs alone cannot fill the GPU) or a count.
     """
-    teacher, student, center = _check(teacher, student, center)
-    (T, N, K), S = teacher.shape, student.shape[0]
-    dev = student.device
+    teacher, groups, center, S = _check(teacher, student, center)
+    T, N, K = teacher.shape
+    dev = teacher.device
     cfg = _config(config)
     inv_tt = _scalar(inv_teacher_temp, dev)
     lse_t = torch.empty((T, N), dtype=torch.float32, device=dev)
@@ -224,8 +251,8 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
     part = torch.empty((n_splits, S, N, 4) if n_splits > 1 else (1,), dtype=torch.float32,
                        device=dev)
     _dino_fwd_kernel[(S, N, n_splits)](
-        teacher, student, center, inv_tt, lse_t, lse_s, term, part,
-        T, S, N, K, 1.0 / float(student_temp), per,
+        teacher, groups[0], groups[-1], center, inv_tt, lse_t, lse_s, term, part,
+        T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp), per,
         SPLIT=n_splits > 1, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     if n_splits > 1:
         m_i, l_i, d_i, q_i = part.unbind(-1)
@@ -239,22 +266,23 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
 
 def dino_backward(teacher, student, center, inv_teacher_temp, student_temp, lse_t, lse_s, grad,
                   *, config=None, splits=None):
-    """d (grad * loss) / d student, (S, N, K) in the student's dtype; lse_t, lse_s from
-    dino_forward; grad: the upstream gradient, a float or a 0-dim tensor (read on the
-    device)."""
-    teacher, student, center = _check(teacher, student, center)
-    (T, N, K), S = teacher.shape, student.shape[0]
-    dev = student.device
+    """d (grad * loss) / d student, one (S, N, K) tensor in the student's dtype (student
+    as in dino_forward); lse_t, lse_s from dino_forward; grad: the upstream gradient, a
+    float or a 0-dim tensor (read on the device)."""
+    teacher, groups, center, S = _check(teacher, student, center)
+    T, N, K = teacher.shape
+    dev = teacher.device
     cfg = _config(config)
     for name, x, shape in (("lse_t", lse_t, (T, N)), ("lse_s", lse_s, (S, N))):
         if x.shape != shape or x.dtype != torch.float32 or x.device != dev:
             raise ValueError(f"{name} must be float32 of shape {shape} on {dev}")
     n_terms = T * S - min(T, S)
-    ds = torch.empty_like(student)
+    ds = torch.empty((S, N, K), dtype=groups[0].dtype, device=dev)
     n_splits, per = _split_plan(S, N, K, cfg["BLOCK_K"], splits, dev)
     _dino_bwd_kernel[(S, N, n_splits)](
-        teacher, student, center, _scalar(inv_teacher_temp, dev), lse_t.contiguous(),
-        lse_s.contiguous(), _scalar(grad, dev), ds,
-        T, N, K, 1.0 / float(student_temp), 1.0 / (float(student_temp) * n_terms * N), per,
+        teacher, groups[0], groups[-1], center, _scalar(inv_teacher_temp, dev),
+        lse_t.contiguous(), lse_s.contiguous(), _scalar(grad, dev), ds,
+        T, groups[0].shape[0], N, K, 1.0 / float(student_temp),
+        1.0 / (float(student_temp) * n_terms * N), per,
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return ds

@@ -36,13 +36,19 @@ class DINO(Method):
                                      channels_last=channels_last, **augment_changes)
 
     def _student_forward(self, views):
-        # One pass per resolution (the global views together, the local ones together).
-        groups = {}
+        """The student's outputs in the order of the views, one pass per resolution.
+        Where each resolution's views are adjacent (global views, then local ones), a
+        list of (views, N, K) groups, which the fused loss reads where they are; else
+        a list of (N, K) outputs."""
+        by_size = {}
         for i, v in enumerate(views):
-            groups.setdefault(tuple(v.shape[-2:]), []).append(i)
+            by_size.setdefault(tuple(v.shape[-2:]), []).append(i)
+        passes = [(idx, self.encoder(torch.cat([views[i] for i in idx])))
+                  for idx in by_size.values()]
+        if all(idx == list(range(idx[0], idx[-1] + 1)) for idx, _ in passes):
+            return [z.view(len(idx), -1, z.shape[-1]) for idx, z in passes]
         out = [None] * len(views)
-        for idx in groups.values():
-            z = self.encoder(torch.cat([views[i] for i in idx]))
+        for idx, z in passes:
             for i, zi in zip(idx, z.chunk(len(idx))):
                 out[i] = zi
         return out

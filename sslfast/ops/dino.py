@@ -11,8 +11,9 @@ count_b = #{a != b}:
 n_terms = T S - min(T, S). Nothing per crop pair is built. The teacher gets no
 gradient (DINO's teacher is an EMA model run under no_grad), nor does the center.
 
-Backends: ``triton`` (``sslfast/kernels/dino.py``: the crops stacked, one pass over K
-per row in the forward and one in the backward), ``cpu`` (blocks of rows, the gradient
+Backends: ``triton`` (``sslfast/kernels/dino.py``: one pass over K per row in the
+forward and one in the backward; the student crops read where they are when they come
+as one or two (crops, N, K) groups, else stacked), ``cpu`` (blocks of rows, the gradient
 computed in the same pass; each block holds about ``_CPU_BLOCK_ELEMS`` elements of
 float32 temporaries; the crops are not stacked), ``reference`` (the float64
 definition). Registered as the custom ops ``sslfast::dino_loss`` and
@@ -47,9 +48,9 @@ def _crops(stacks):
     return [c for st in stacks for c in st.unbind(0)]
 
 
-def _joined(stacks):
-    """One (crops, N, K) tensor (no copy when there is one already)."""
-    return stacks[0] if len(stacks) == 1 else torch.cat(stacks)
+def _joined(stacks, most=1):
+    """The stacks as given if there are at most ``most``, else joined into one (a copy)."""
+    return stacks if len(stacks) <= most else [torch.cat(stacks)]
 
 
 def _n_terms(T, S):
@@ -126,10 +127,10 @@ def dino_loss_op(
                                   student_temp, need_grad)
         return loss, empty(), empty(), grad if grad is not None else student[0].new_empty(0)
     if backend == "triton":
-        t, s = _joined(teacher), _joined(student)
+        (t,), s = _joined(teacher), _joined(student, 2)
         lse_t, lse_s, term = _kernels().dino_forward(t, s, center, 1.0 / teacher_temp.float(),
                                                      student_temp)
-        loss = term.sum() / (_n_terms(t.shape[0], s.shape[0]) * s.shape[1])
+        loss = term.sum() / (_n_terms(t.shape[0], lse_s.shape[0]) * t.shape[1])
         return loss, lse_t, lse_s, student[0].new_empty(0)
     loss = dino_reference([x.double() for x in _crops(teacher)],
                           [x.double() for x in _crops(student)], center.double(),
@@ -168,7 +169,7 @@ def dino_loss_backward(
     """d (grad * loss) / d student, (S, N, K) in the student dtype (``triton``: from the
     forward's lse; ``reference``: the definition's derivative, pair by pair, float64)."""
     if backend == "triton":
-        return _kernels().dino_backward(_joined(teacher), _joined(student), center,
+        return _kernels().dino_backward(_joined(teacher)[0], _joined(student, 2), center,
                                         1.0 / teacher_temp.float(), student_temp, lse_t, lse_s,
                                         grad.float())
     # The definition's derivative, per pair, dense float64 (autograd is off in here):
@@ -224,19 +225,27 @@ torch.library.register_autograd("sslfast::dino_loss", _backward, setup_context=_
 
 
 def _crop_list(x, name):
+    """(named crops [(name, (N, K) tensor)], groups [(c, N, K) tensors]) of a list of
+    (N, K) crops and (c, N, K) crop groups, or of one (crops, N, K) tensor. Each crop
+    is a view of its group; the groups are views of what was given."""
     if isinstance(x, torch.Tensor) and x.dim() == 3:
-        return list(x.unbind(0))
+        return [(f"{name}[{i}]", c) for i, c in enumerate(x.unbind(0))], [x]
     if not isinstance(x, (list, tuple)):
-        raise TypeError(f"{name} must be a list of (N, K) tensors (or a (crops, N, K) tensor), "
-                        f"got {type(x).__name__}")
+        raise TypeError(f"{name} must be a list of (N, K) tensors or (crops, N, K) groups (or "
+                        f"one (crops, N, K) tensor), got {type(x).__name__}")
     if len(x) == 0:
         raise ValueError(f"{name} is empty: it needs at least one (N, K) tensor")
-    return list(x)
-
-
-def _stacked(given, crops):
-    """One (crops, N, K) tensor: the one given (no copy), else the crops stacked."""
-    return given if isinstance(given, torch.Tensor) else torch.stack(crops)
+    crops, groups = [], []
+    for i, g in enumerate(x):
+        if isinstance(g, torch.Tensor) and g.dim() == 3:
+            if g.shape[0] == 0:
+                raise ValueError(f"{name}[{i}] is an empty group (shape {tuple(g.shape)})")
+            crops += [(f"{name}[{i}][{j}]", c) for j, c in enumerate(g.unbind(0))]
+            groups.append(g)
+        else:  # checked as a crop by _check_crop
+            crops.append((f"{name}[{i}]", g))
+            groups.append(g.unsqueeze(0) if isinstance(g, torch.Tensor) and g.dim() == 2 else g)
+    return crops, groups
 
 
 def _check_crop(x, name, first, first_name, teacher0):
@@ -273,17 +282,20 @@ def dino_loss(teacher_out, student_out, center, teacher_temp=0.04, student_temp=
     pairs and rows (lightly's DINOLoss without its center update). No (T, S, N, K)
     or per-pair (N, K) tensor is built.
 
-    teacher_out: list of T (N, K) tensors; student_out: list of S (N, K) tensors (a
-    (crops, N, K) tensor is taken as its crops); all of one device, each list of one
-    float dtype. center: K elements, shape (K,), (1, K) or (1, 1, K). teacher_temp: a
+    teacher_out: T crops, student_out: S crops, each given as a list of (N, K) tensors
+    and (c, N, K) groups of crops (e.g. one per crop resolution), or as one (crops, N,
+    K) tensor; all of one device, each side of one float dtype. The triton backend
+    reads the teacher and up to two student groups where they are (more are joined
+    into one copy). center: K elements, shape (K,), (1, K) or (1, 1, K). teacher_temp: a
     float or a 0-dim tensor (no host sync; a CPU tensor is checked), > 0;
     student_temp: a float > 0. Gradients flow to the student crops only.
     """
-    teacher = _crop_list(teacher_out, "teacher_out")
-    student = _crop_list(student_out, "student_out")
-    for name, crops in (("teacher_out", teacher), ("student_out", student)):
-        for i, x in enumerate(crops):
-            _check_crop(x, f"{name}[{i}]", crops[0], f"{name}[0]", teacher[0])
+    teacher_named, teacher_groups = _crop_list(teacher_out, "teacher_out")
+    student_named, student_groups = _crop_list(student_out, "student_out")
+    for named in (teacher_named, student_named):
+        for name, x in named:
+            _check_crop(x, name, named[0][1], named[0][0], teacher_named[0][1])
+    teacher, student = [x for _, x in teacher_named], [x for _, x in student_named]
     T, S = len(teacher), len(student)
     if _n_terms(T, S) == 0:
         raise ValueError(f"the DINO loss needs a pair of crops a != b: {T} teacher and {S} "
@@ -300,8 +312,8 @@ def dino_loss(teacher_out, student_out, center, teacher_temp=0.04, student_temp=
         raise TypeError("the triton backend takes float32/bfloat16/float16 outputs; "
                         "use backend='cpu' or 'reference' for float64")
     teacher = [x.detach() for x in teacher]
-    if name == "triton":  # the kernels take one (crops, N, K) tensor per side
-        t_in, s_in = [_stacked(teacher_out, teacher).detach()], [_stacked(student_out, student)]
+    if name == "triton":  # the kernels take (crops, N, K) groups
+        t_in, s_in = [x.detach() for x in teacher_groups], student_groups
     else:
         t_in, s_in = [x.unsqueeze(0) for x in teacher], [x.unsqueeze(0) for x in student]
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in student)
@@ -313,8 +325,7 @@ def dino_loss(teacher_out, student_out, center, teacher_temp=0.04, student_temp=
     # CPU, where reading the loss costs no sync), to name the argument.
     if loss.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(loss)):
-            for name, crops in (("teacher_out", teacher), ("student_out", student)):
-                for i, x in enumerate(crops):
-                    if not bool(torch.isfinite(x).all()):
-                        raise ValueError(f"{name}[{i}] contains NaN or Inf")
+            for name, x in teacher_named + student_named:
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{name} contains NaN or Inf")
     return loss
