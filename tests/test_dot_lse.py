@@ -98,6 +98,33 @@ def test_symmetric_cpu_path(n, exclude_offset, scale, dtype, block_elems, monkey
     assert all((r1 - r0) * (n - r0) <= max(block_elems, n - r0) for r0, r1 in blocks)
 
 
+@pytest.mark.parametrize("dtype, scale, one_exp_range, one_exp", [
+    (torch.float32, 5.0, None, True),   # logits within 2|s| = 10 of each other: one exp
+    (torch.float64, 100.0, 50.0, False),  # spread up to 200 > 50: rows and columns alone
+    (torch.float32, 5.0, float("-inf"), False),  # the two-exponential path forced
+], ids=["fp32-one-exp", "fp64-wide-spread", "fp32-forced-two-exp"])
+def test_symmetric_cpu_one_exponential(dtype, scale, one_exp_range, one_exp, monkeypatch):
+    """Blocks whose entries lie within _ONE_EXP_RANGE of each other take one
+    exponential per logit for rows and columns; the others fall back to each row's
+    and column's own maximum. Both equal the reference."""
+    monkeypatch.setattr(dot_lse_mod, "_CPU_BLOCK_ELEMS", 300)
+    if one_exp_range is not None:
+        monkeypatch.setitem(dot_lse_mod._ONE_EXP_RANGE, dtype, one_exp_range)
+    calls = []
+    online = dot_lse_mod._online_update
+    monkeypatch.setattr(dot_lse_mod, "_online_update",
+                        lambda *a: calls.append(1) or online(*a))
+    z, _, s, _ = _inputs(60, 1, 8, dtype, False, scale)
+    out = dot_lse(z, z, s, 0, None, backend="cpu")
+    grads = torch.autograd.grad(out, [z, s])
+    assert (not calls) == one_exp
+    leaves = [t.detach().double().requires_grad_() for t in (z, s)]
+    ref = dot_lse_reference(leaves[0], leaves[0], leaves[1], 0).mean()
+    assert_parity(out, ref, dtype, "lse mean")
+    for name, a, b in zip(["dz", "dscale"], grads, torch.autograd.grad(ref, leaves)):
+        assert_parity(a.double(), b, dtype, name)
+
+
 def test_symmetric_cpu_forward_only():
     # Without gradients only the log-sum-exp pass runs: per-row lse equals the reference.
     z, _, s, _ = _inputs(50, 1, 8, torch.float32, False, 5.0)

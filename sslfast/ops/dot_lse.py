@@ -19,6 +19,7 @@ with fake implementations and autograd, so the losses built on them trace under
 ``torch.compile``.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -125,6 +126,54 @@ def _online_update(run_max, run_sum, logits, dim):
     run_max.copy_(new)
 
 
+# A block takes one exponential per logit for its rows and its columns when its
+# entries' scale differs by less than e^_ONE_EXP_RANGE (float32's normal range
+# reaches e^-87); else two, each against its own row's or column's maximum.
+_ONE_EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _fold(run_max, run_sum, part_max, part_sum):
+    """Fold partial sums of exp(logits - part_max) (part_max a 0-dim tensor, finite)
+    into running (max, sum) vectors in place."""
+    new = torch.maximum(run_max, part_max)
+    run_sum.mul_(torch.exp(run_max - new)).add_(part_sum * torch.exp(part_max - new))
+    run_max.copy_(new)
+
+
+def _block_lse_update(run_max, run_sum, logits, b, floor):
+    """Fold a block of rows (logits (B, C'), the first b columns the diagonal block)
+    into its rows' running (max, sum) and, right of the diagonal block, its columns'.
+    One exponential per logit, exp(logits - c) with c the block's maximum, where every
+    row's and column's partial sum stays >= floor (its largest term is then at most
+    -ln(floor) below c, so nothing it needs is flushed); else the block again with
+    each row's and column's own maximum."""
+    c = logits.max()
+    if bool(torch.isfinite(c)):
+        e = torch.sub(logits, c).exp_()
+        rows, cols = e.sum(dim=1), e[:, b:].sum(dim=0)
+        if bool(rows.min() >= floor) and (cols.numel() == 0 or bool(cols.min() >= floor)):
+            _fold(run_max[:b], run_sum[:b], c, rows)
+            _fold(run_max[b:], run_sum[b:], c, cols)
+            return
+    _online_update(run_max[:b], run_sum[:b], logits, 1)
+    if logits.shape[1] > b:
+        _online_update(run_max[b:], run_sum[b:], logits[:, b:], 0)
+
+
+def _block_pair_weights(logits, lse_rows, lse_cols, r, one_exp_range):
+    """W = (P + P^T) / r of a block: exp(logits - lse_i) + exp(logits - lse_j), over r.
+    One exponential per logit, exp(logits - c) (a_i + a_j) with a = exp(c - lse) / r and
+    c the largest lse, where the block's lse lie within one_exp_range of each other;
+    else two."""
+    c, low = torch.maximum(lse_rows.max(), lse_cols.max()), torch.minimum(lse_rows.min(),
+                                                                          lse_cols.min())
+    if bool(c - low <= one_exp_range):
+        a_r, a_c = torch.exp(c - lse_rows).div_(r), torch.exp(c - lse_cols).div_(r)
+        return torch.sub(logits, c).exp_().mul_(a_r[:, None] + a_c[None, :])
+    w = torch.sub(logits, lse_rows[:, None]).exp_()
+    return w.add_(torch.sub(logits, lse_cols[None, :]).exp_()).div_(r)
+
+
 def _cpu_symmetric(z, scale, exclude_diagonal, need_dz, need_ds):
     """NT-Xent on one process: lse of the rows of s Z Z^T (the diagonal left out if
     exclude_diagonal), and, when asked, the gradients of mean_i lse_i: dz (the rows'
@@ -132,10 +181,12 @@ def _cpu_symmetric(z, scale, exclude_diagonal, need_dz, need_ds):
     (Z Z^T is symmetric): one pass for the log-sum-exps (each block updates its rows'
     running max/sum and, right of the diagonal block, its columns'), one for the
     gradient (W = (P + P^T) / R per block: dz_I += s W z_J, dz_J += s W^T z_I). Four
-    R x R x D matmul-halves in all where the one-direction path computes six."""
+    R x R x D matmul-halves in all where the one-direction path computes six, and
+    (in the common case, see _ONE_EXP_RANGE) one exponential per logit per pass."""
     ct = _compute_dtype(z)
     zf, s = z.to(ct), scale.to(ct)
     r = z.shape[0]
+    one_exp_range = _ONE_EXP_RANGE[ct]
     run_max = torch.full((r,), float("-inf"), dtype=ct)
     run_sum = torch.zeros(r, dtype=ct)
 
@@ -146,11 +197,9 @@ def _cpu_symmetric(z, scale, exclude_diagonal, need_dz, need_ds):
         return logits
 
     blocks = list(_triangle_blocks(r))
-    for r0, r1 in blocks:
-        logits = block_logits(r0, r1)
-        _online_update(run_max[r0:r1], run_sum[r0:r1], logits, 1)
-        if r1 < r:  # the columns right of the diagonal block are rows r1..
-            _online_update(run_max[r1:], run_sum[r1:], logits[:, r1 - r0:], 0)
+    floor = math.exp(-one_exp_range)
+    for r0, r1 in blocks:  # the columns right of the diagonal block are rows r1..
+        _block_lse_update(run_max[r0:], run_sum[r0:], block_logits(r0, r1), r1 - r0, floor)
     shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
     lse = run_sum.log_().add_(shift)
     if not (need_dz or need_ds):
@@ -160,8 +209,7 @@ def _cpu_symmetric(z, scale, exclude_diagonal, need_dz, need_ds):
     for r0, r1 in blocks:
         b = r1 - r0
         logits = block_logits(r0, r1)
-        w = torch.sub(logits, lse[r0:r1, None]).exp_()
-        w.add_(torch.sub(logits, lse[None, r0:]).exp_()).div_(r)  # (P + P^T) / R
+        w = _block_pair_weights(logits, lse[r0:r1], lse[r0:], r, one_exp_range)
         if need_dz:
             dz[r0:r1].addmm_(w, zf[r0:])
             if r1 < r:
