@@ -129,6 +129,29 @@ def test_symmetric_parity(case, dtype, config, splits):
     check(n, n, d, dtype, 5.0, True, excl, config=config, splits=splits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "clip"])
+def test_one_exp2_tiles(symmetric, dtype, monkeypatch):
+    """At |scale| = 5 every tile's shifts and lse lie within _ONE_EXP_SPREAD: the
+    default takes one exp2 per entry (bit-equal to forcing it) and the two-exp2 path
+    (forced) agrees with the reference too, with different rounding. (Bit equality
+    only in the interpreter: on a GPU the atomics' order varies from run to run.)"""
+    n, d = 70, 24
+    got = {}
+    for name, spread in (("default", pair._ONE_EXP_SPREAD), ("one", float("inf")),
+                         ("two", -1.0)):
+        monkeypatch.setattr(pair, "_ONE_EXP_SPREAD", spread)
+        torch.manual_seed(3)
+        got[name] = check(n, n + 9, d, dtype, 5.0, symmetric, symmetric, config=SMALL_CONFIG,
+                          splits=2)
+    one, two = [torch.cat([t.reshape(-1) for t in got[k] if t is not None])
+                for k in ("one", "two")]
+    default = torch.cat([t.reshape(-1) for t in got["default"] if t is not None])
+    if DEVICE == "cpu":
+        assert torch.equal(default, one)
+        assert not torch.equal(one, two)
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "clip"])
 def test_rows_recomputed_where_the_shift_fails(symmetric):
     """At |scale| = 200 a row whose anchor logit is far below its bound gets a shift that

@@ -25,7 +25,7 @@ DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # The operands in the inputs' dtype (features; DINO's teacher/student outputs and
 # gradient); every other pointer is fp32, these scalars fp32, the rest int32.
 INPUTS = {"q_ptr", "k_ptr", "x_ptr", "y_ptr", "t_ptr", "s0_ptr", "s1_ptr", "ds_ptr"}
-FLOATS = {"inv_ts", "coef"}
+FLOATS = {"inv_ts", "coef", "one_exp_spread"}
 
 
 def variants(quick):

@@ -246,10 +246,12 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
     _dino_teacher_lse_kernel[(T * N,)](teacher, center, inv_tt, lse_t, K,
                                        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     n_splits, per = _split_plan(S, N, K, cfg["BLOCK_K"], splits, dev)
-    lse_s = torch.empty((S, N), dtype=torch.float32, device=dev)
-    term = torch.empty((S, N), dtype=torch.float32, device=dev)
-    part = torch.empty((n_splits, S, N, 4) if n_splits > 1 else (1,), dtype=torch.float32,
-                       device=dev)
+    if n_splits > 1:  # the kernel writes only part; lse_s and term come from it below
+        part = torch.empty((n_splits, S, N, 4), dtype=torch.float32, device=dev)
+        lse_s = term = part
+    else:  # the kernel writes lse_s and term; part is not read
+        lse_s, term = torch.empty((2, S, N), dtype=torch.float32, device=dev).unbind(0)
+        part = lse_s
     _dino_fwd_kernel[(S, N, n_splits)](
         teacher, groups[0], groups[-1], center, inv_tt, lse_t, lse_s, term, part,
         T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp), per,

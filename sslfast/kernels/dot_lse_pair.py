@@ -64,14 +64,59 @@ __all__ = ["dot_lse_pair_forward", "dot_lse_pair_backward"]
 # above e^-_ANCHOR_ROOM. (The finalize kernel recomputes a row whose sum is below 2^-72.)
 _SHIFT_CEIL = 60.0
 _ANCHOR_ROOM = 16.0
+# A tile whose row and column shifts (forward) or lse (backward) lie within this many
+# log2 units of each other takes one exp2 per entry for both directions
+# (_tile_sums, _pair_weights). On normalized features NT-Xent's shifts lie within
+# 2 |scale| - 16 nats of each other (forward: always at |scale| <= 16) and its lse within
+# 2 |scale| (backward: always at |scale| <= 8; in practice the rows' lse are close).
+_ONE_EXP_SPREAD = 24.0
 
 
 @triton.jit
-def _tile_sums(s2, ok, m_row, m_col):
-    """Row sums and column sums of exp2(s2 - shift) over a tile's included entries."""
-    row = tl.sum(tl.where(ok, tl.exp2(s2 - m_row[:, None]), 0.0), 1)
-    col = tl.sum(tl.where(ok, tl.exp2(s2 - m_col[None, :]), 0.0), 0)
+def _spread(u, u_ok, v, v_ok):
+    """(largest, largest - smallest) of the valid entries of two vectors."""
+    hi = tl.maximum(tl.max(tl.where(u_ok, u, float("-inf")), 0),
+                    tl.max(tl.where(v_ok, v, float("-inf")), 0))
+    lo = tl.minimum(tl.min(tl.where(u_ok, u, float("inf")), 0),
+                    tl.min(tl.where(v_ok, v, float("inf")), 0))
+    return hi, hi - lo
+
+
+@triton.jit
+def _tile_sums(s2, ok, m_row, m_col, row_ok, col_ok, one_exp_spread):
+    """Row sums and column sums of exp2(s2 - shift) over a tile's included entries.
+    Where the tile's shifts lie within one_exp_spread (log2 units) of each other: one
+    exp2 per entry, 2^(s2 - c) with c the largest shift, scaled per row and column by
+    2^(c - shift) (a term it flushes is below 2^(spread - 126) of its own shift:
+    nothing a sum needs). Else one exp2 per entry and direction."""
+    hi, spread = _spread(m_row, row_ok, m_col, col_ok)
+    if spread <= one_exp_spread:
+        e = tl.where(ok, tl.exp2(s2 - hi), 0.0)
+        row = tl.sum(e, 1) * tl.exp2(tl.where(row_ok, hi - m_row, 0.0))
+        col = tl.sum(e, 0) * tl.exp2(tl.where(col_ok, hi - m_col, 0.0))
+    else:
+        row = tl.sum(tl.where(ok, tl.exp2(s2 - m_row[:, None]), 0.0), 1)
+        col = tl.sum(tl.where(ok, tl.exp2(s2 - m_col[None, :]), 0.0), 0)
     return row, col
+
+
+@triton.jit
+def _pair_weights(s2, ok, lse2_r, lse2_c, g_r, g_c, row_ok, col_ok, one_exp_spread):
+    """W = g_i 2^(s2 - lse2_i) + g_j 2^(s2 - lse2_j) over a tile's included entries.
+    Where the tile's lse lie within one_exp_spread of each other: one exp2 per entry,
+    2^(s2 - c) (<= 1: c is the largest lse) times g_i 2^(c - lse2_i) + g_j 2^(c - lse2_j).
+    Else (an empty row's lse is -inf, too) one exp2 per entry and direction, where()
+    first: the exp2 of an excluded entry of an empty row overflows, unselected."""
+    hi, spread = _spread(lse2_r, row_ok, lse2_c, col_ok)
+    if spread <= one_exp_spread:
+        a_r = g_r * tl.exp2(tl.where(row_ok, hi - lse2_r, 0.0))
+        a_c = g_c * tl.exp2(tl.where(col_ok, hi - lse2_c, 0.0))
+        w = tl.where(ok, tl.exp2(s2 - hi), 0.0) * (a_r[:, None] + a_c[None, :])
+    else:
+        p = tl.where(ok, tl.exp2(s2 - lse2_r[:, None]), 0.0)
+        p_t = tl.where(ok, tl.exp2(s2 - lse2_c[None, :]), 0.0)
+        w = p * g_r[:, None] + p_t * g_c[None, :]
+    return w
 
 
 @triton.jit
@@ -94,7 +139,7 @@ def _row_tile(x_ptr, R, stride_x, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 @triton.jit
 def _dot_lse_pair_fwd_kernel(
     x_ptr, y_ptr, scale_ptr, shift_x_ptr, shift_y_ptr, sum_x_ptr, sum_y_ptr,
-    R, C, stride_x, stride_y,
+    R, C, stride_x, stride_y, one_exp_spread,
     D, SYMMETRIC: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, IEEE: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
@@ -121,7 +166,8 @@ def _dot_lse_pair_fwd_kernel(
             y_ptr, jt * BLOCK, C, stride_y, rows, row_ok, x_rows_ptr, x_res, offs_d, 0,
             D, False, IEEE, BLOCK, BLOCK, BLOCK_D, SINGLE_D)
         m_col = tl.load(shift_y_ptr + cols, mask=col_ok, other=0.0)
-        row_part, col_part = _tile_sums(qk * qk_scale, ok, m_row, m_col)
+        row_part, col_part = _tile_sums(qk * qk_scale, ok, m_row, m_col, row_ok, col_ok,
+                                        one_exp_spread)
         acc += row_part
         tl.atomic_add(sum_y_ptr + cols, col_part, mask=col_ok, sem="relaxed")
     tl.atomic_add(sum_x_ptr + rows, acc, mask=row_ok, sem="relaxed")
@@ -195,7 +241,7 @@ def _pair_grad_tile(w, x_res, y_res, x_rows_ptr, y_cols_ptr, dx_rows_ptr, dy_col
 def _dot_lse_pair_bwd_kernel(
     x_ptr, y_ptr, scale_ptr, lse_x_ptr, lse_y_ptr, g_x_ptr, g_y_ptr, g_norm_ptr,
     dx_ptr, dy_ptr, dscale_ptr,
-    R, C, stride_x, stride_y,
+    R, C, stride_x, stride_y, one_exp_spread,
     D, SYMMETRIC: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, IEEE: tl.constexpr,
     NEED_DY: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
@@ -242,10 +288,7 @@ def _dot_lse_pair_bwd_kernel(
         s2 = qk * qk_scale
         lse2_c = tl.load(lse_y_ptr + cols, mask=col_ok, other=0.0) * LOG2E
         g_c = tl.load(g_y_ptr + cols, mask=col_ok, other=0.0) * g_div
-        # where() first: an empty row's lse is -inf and its exp overflows, unselected.
-        p = tl.where(ok, tl.exp2(s2 - lse2_r[:, None]), 0.0)
-        p_t = tl.where(ok, tl.exp2(s2 - lse2_c[None, :]), 0.0)
-        w = p * g_r[:, None] + p_t * g_c[None, :]
+        w = _pair_weights(s2, ok, lse2_r, lse2_c, g_r, g_c, row_ok, col_ok, one_exp_spread)
         ds_acc += tl.sum(w * qk, 1)
         dy_cols_ptr = dy_ptr + cols.to(tl.int64)[:, None] * D
         dx_acc = _pair_grad_tile(w, x_res, y_res, x_rows_ptr, y_cols_ptr, dx_rows_ptr,
@@ -416,7 +459,7 @@ def dot_lse_pair_forward(x, y, scale, *, exclude_diagonal=False, config=None, sp
     _launch(
         _dot_lse_pair_fwd_kernel, _fwd_tuned, config, R, C, D, splits, symmetric,
         x, y, scale_t, shift_x, shift_x if symmetric else shift_y, sum_x, sum_y,
-        R, C, x.stride(0), y.stride(0),
+        R, C, x.stride(0), y.stride(0), _ONE_EXP_SPREAD,
         D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32,
     )
     lse_x = _finalize(x, y, scale_t, shift_x, sum_x, bool(exclude_diagonal))
@@ -465,7 +508,7 @@ def dot_lse_pair_backward(x, y, scale, lse_x, lse_y, grad_x, grad_y, *, exclude_
     _launch(
         _dot_lse_pair_bwd_kernel, _bwd_tuned, config, R, C, D, splits, symmetric,
         x, y, scale_t, lse_x, lse_y, g_x, g_y, g_norm, dx, dy, ds,
-        R, C, x.stride(0), y.stride(0),
+        R, C, x.stride(0), y.stride(0), _ONE_EXP_SPREAD,
         D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32, need_dy or symmetric,
     )
     return dx, (dy if need_dy else None), ds.sum()
