@@ -30,7 +30,9 @@ dz_I += scale W z_J and dz_J += scale W^T z_I.
 Work per step against the one-direction kernels (sslfast/kernels/dot_lse.py, which
 visit every ordered tile), dots in R C D FLOPs and exponentials in R C: NT-Xent
 forward 1 and 1 (was 2 and 1), backward 3 and 1 (was 4 and 2); CLIP forward 2 and 2
-(was 4 and 2), backward 6 and 2 (was 8 and 4). Atomic float adds make the
+(was 4 and 2), backward 6 and 2 (was 8 and 4). Tiles whose shifts or lse lie close
+together (the common case, see _ONE_EXP_SPREAD) take one exp2 per entry for both
+directions, halving those exponentials. Atomic float adds make the
 summation order vary run to run (results equal within rounding); under
 torch.use_deterministic_algorithms(True) the launchers use the atomic-free
 one-direction kernels instead.
