@@ -184,9 +184,9 @@ class DINOLoss(nn.Module):
                 # a Python float: no copy of the CPU schedule to the GPU
                 teacher_temp = float(self.teacher_temp_schedule[epoch])
         first = teacher_out[0] if isinstance(teacher_out, (list, tuple)) and teacher_out else None
-        if isinstance(first, torch.Tensor) and first.dim() == 2 \
-                and first.shape[1] != self.center.shape[-1]:
-            raise ValueError(f"teacher_out[0] has dimension {first.shape[1]} but this DINOLoss "
+        if isinstance(first, torch.Tensor) and first.dim() in (2, 3) \
+                and first.shape[-1] != self.center.shape[-1]:
+            raise ValueError(f"teacher_out[0] has dimension {first.shape[-1]} but this DINOLoss "
                              f"has output_dim={self.center.shape[-1]}")
         loss = dino_loss(teacher_out, student_out, self.center, teacher_temp, self.student_temp,
                          self.backend)

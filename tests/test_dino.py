@@ -235,6 +235,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"teacher_out\[0\] has dimension 8 but this DINOLoss has "
                                          r"output_dim=16"):
         sslfast.DINOLoss(16)(t, s)
+    with pytest.raises(ValueError, match=r"teacher_out\[0\] has dimension 8 but this DINOLoss has "
+                                         r"output_dim=16"):
+        sslfast.DINOLoss(16)([torch.stack(t)], [torch.stack(s)])
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
