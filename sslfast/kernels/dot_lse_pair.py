@@ -75,23 +75,29 @@ _ONE_EXP_SPREAD = 24.0
 
 
 @triton.jit
-def _spread(u, u_ok, v, v_ok):
-    """(largest, largest - smallest) of the valid entries of two vectors."""
-    hi = tl.maximum(tl.max(tl.where(u_ok, u, float("-inf")), 0),
-                    tl.max(tl.where(v_ok, v, float("-inf")), 0))
-    lo = tl.minimum(tl.min(tl.where(u_ok, u, float("inf")), 0),
-                    tl.min(tl.where(v_ok, v, float("inf")), 0))
-    return hi, hi - lo
+def _range(u, u_ok):
+    """(largest, smallest) of a vector's valid entries (a row tile's: once per program)."""
+    return (tl.max(tl.where(u_ok, u, float("-inf")), 0),
+            tl.min(tl.where(u_ok, u, float("inf")), 0))
 
 
 @triton.jit
-def _tile_sums(s2, ok, m_row, m_col, row_ok, col_ok, one_exp_spread):
+def _spread(r_hi, r_lo, v, v_ok):
+    """(largest, largest - smallest) over a row tile's range and a vector's valid entries."""
+    v_hi, v_lo = _range(v, v_ok)
+    hi = tl.maximum(r_hi, v_hi)
+    return hi, hi - tl.minimum(r_lo, v_lo)
+
+
+@triton.jit
+def _tile_sums(s2, ok, m_row, m_col, row_ok, col_ok, r_hi, r_lo, one_exp_spread):
     """Row sums and column sums of exp2(s2 - shift) over a tile's included entries.
     Where the tile's shifts lie within one_exp_spread (log2 units) of each other: one
     exp2 per entry, 2^(s2 - c) with c the largest shift, scaled per row and column by
     2^(c - shift) (a term it flushes is below 2^(spread - 126) of its own shift:
-    nothing a sum needs). Else one exp2 per entry and direction."""
-    hi, spread = _spread(m_row, row_ok, m_col, col_ok)
+    nothing a sum needs). Else one exp2 per entry and direction. (r_hi, r_lo): the
+    range of m_row."""
+    hi, spread = _spread(r_hi, r_lo, m_col, col_ok)
     if spread <= one_exp_spread:
         e = tl.where(ok, tl.exp2(s2 - hi), 0.0)
         row = tl.sum(e, 1) * tl.exp2(tl.where(row_ok, hi - m_row, 0.0))
@@ -103,13 +109,15 @@ def _tile_sums(s2, ok, m_row, m_col, row_ok, col_ok, one_exp_spread):
 
 
 @triton.jit
-def _pair_weights(s2, ok, lse2_r, lse2_c, g_r, g_c, row_ok, col_ok, one_exp_spread):
+def _pair_weights(s2, ok, lse2_r, lse2_c, g_r, g_c, row_ok, col_ok, r_hi, r_lo,
+                  one_exp_spread):
     """W = g_i 2^(s2 - lse2_i) + g_j 2^(s2 - lse2_j) over a tile's included entries.
     Where the tile's lse lie within one_exp_spread of each other: one exp2 per entry,
     2^(s2 - c) (<= 1: c is the largest lse) times g_i 2^(c - lse2_i) + g_j 2^(c - lse2_j).
     Else (an empty row's lse is -inf, too) one exp2 per entry and direction, where()
-    first: the exp2 of an excluded entry of an empty row overflows, unselected."""
-    hi, spread = _spread(lse2_r, row_ok, lse2_c, col_ok)
+    first: the exp2 of an excluded entry of an empty row overflows, unselected.
+    (r_hi, r_lo): the range of lse2_r."""
+    hi, spread = _spread(r_hi, r_lo, lse2_c, col_ok)
     if spread <= one_exp_spread:
         a_r = g_r * tl.exp2(tl.where(row_ok, hi - lse2_r, 0.0))
         a_c = g_c * tl.exp2(tl.where(col_ok, hi - lse2_c, 0.0))
@@ -154,6 +162,7 @@ def _dot_lse_pair_fwd_kernel(
         x_ptr, R, stride_x, D, BLOCK, BLOCK_D, SINGLE_D)
     qk_scale = tl.load(scale_ptr).to(tl.float32) * LOG2E
     m_row = tl.load(shift_x_ptr + rows, mask=row_ok, other=0.0)
+    r_hi, r_lo = _range(m_row, row_ok)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     j_first = pid_s
     if SYMMETRIC:
@@ -169,7 +178,7 @@ def _dot_lse_pair_fwd_kernel(
             D, False, IEEE, BLOCK, BLOCK, BLOCK_D, SINGLE_D)
         m_col = tl.load(shift_y_ptr + cols, mask=col_ok, other=0.0)
         row_part, col_part = _tile_sums(qk * qk_scale, ok, m_row, m_col, row_ok, col_ok,
-                                        one_exp_spread)
+                                        r_hi, r_lo, one_exp_spread)
         acc += row_part
         tl.atomic_add(sum_y_ptr + cols, col_part, mask=col_ok, sem="relaxed")
     tl.atomic_add(sum_x_ptr + rows, acc, mask=row_ok, sem="relaxed")
@@ -264,6 +273,7 @@ def _dot_lse_pair_bwd_kernel(
     out_mul = scale * g_norm
     lse2_r = tl.load(lse_x_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     g_r = tl.load(g_x_ptr + rows, mask=row_ok, other=0.0) * g_div
+    r_hi, r_lo = _range(lse2_r, row_ok)
     dx_acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     ds_acc = tl.zeros([BLOCK], dtype=tl.float32)
     j_first = pid_s
@@ -274,10 +284,8 @@ def _dot_lse_pair_bwd_kernel(
             _, _, _, _, qk, ok = _score_tile(
                 x_ptr, pid * BLOCK, R, stride_x, rows, row_ok, x_rows_ptr, x_res, offs_d, 0,
                 D, EXCLUDE_DIAG, IEEE, BLOCK, BLOCK, BLOCK_D, SINGLE_D)
-            s2 = qk * qk_scale
-            p = tl.where(ok, tl.exp2(s2 - lse2_r[:, None]), 0.0)
-            p_t = tl.where(ok, tl.exp2(s2 - lse2_r[None, :]), 0.0)
-            w = p * g_r[:, None] + p_t * g_r[None, :]
+            w = _pair_weights(qk * qk_scale, ok, lse2_r, lse2_r, g_r, g_r, row_ok, row_ok,
+                              r_hi, r_lo, one_exp_spread)
             ds_acc += 0.5 * tl.sum(w * qk, 1)
             dx_acc = _pair_grad_tile(w, x_res, x_res, x_rows_ptr, x_rows_ptr, dx_rows_ptr,
                                      dx_rows_ptr, row_ok, row_ok, offs_d, out_mul, dx_acc, D,
@@ -290,7 +298,8 @@ def _dot_lse_pair_bwd_kernel(
         s2 = qk * qk_scale
         lse2_c = tl.load(lse_y_ptr + cols, mask=col_ok, other=0.0) * LOG2E
         g_c = tl.load(g_y_ptr + cols, mask=col_ok, other=0.0) * g_div
-        w = _pair_weights(s2, ok, lse2_r, lse2_c, g_r, g_c, row_ok, col_ok, one_exp_spread)
+        w = _pair_weights(s2, ok, lse2_r, lse2_c, g_r, g_c, row_ok, col_ok, r_hi, r_lo,
+                          one_exp_spread)
         ds_acc += tl.sum(w * qk, 1)
         dy_cols_ptr = dy_ptr + cols.to(tl.int64)[:, None] * D
         dx_acc = _pair_grad_tile(w, x_res, y_res, x_rows_ptr, y_cols_ptr, dx_rows_ptr,

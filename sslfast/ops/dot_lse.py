@@ -162,11 +162,10 @@ def _block_lse_update(run_max, run_sum, logits, b, floor):
 
 def _block_pair_weights(logits, lse_rows, lse_cols, r, one_exp_range):
     """W = (P + P^T) / r of a block: exp(logits - lse_i) + exp(logits - lse_j), over r.
-    One exponential per logit, exp(logits - c) (a_i + a_j) with a = exp(c - lse) / r and
-    c the largest lse, where the block's lse lie within one_exp_range of each other;
-    else two."""
-    c, low = torch.maximum(lse_rows.max(), lse_cols.max()), torch.minimum(lse_rows.min(),
-                                                                          lse_cols.min())
+    The block's rows are its first columns (lse_rows = lse_cols[:B]). One exponential
+    per logit, exp(logits - c) (a_i + a_j) with a = exp(c - lse) / r and c the largest
+    lse, where the block's lse lie within one_exp_range of each other; else two."""
+    c, low = lse_cols.max(), lse_cols.min()
     if bool(c - low <= one_exp_range):
         a_r, a_c = torch.exp(c - lse_rows).div_(r), torch.exp(c - lse_cols).div_(r)
         return torch.sub(logits, c).exp_().mul_(a_r[:, None] + a_c[None, :])
