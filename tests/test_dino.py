@@ -471,6 +471,27 @@ def test_triton_kernels_two_student_groups(dtype, splits):
     assert torch.equal(ds_one, ds_two)
 
 
+@needs_triton
+@pytest.mark.parametrize("T,S", [(2, 5), (3, 2), (1, 3)])
+def test_triton_kernels_split_invariant(T, S):
+    """Programs per row walk shares of the column blocks; each block's statistics are
+    merged in one order, so any split gives the same lse, terms and gradient, bit for
+    bit (7 blocks of 16: splits of 1, 2 and 3 blocks, and more splits than blocks)."""
+    from sslfast.kernels.dino import dino_backward, dino_forward
+
+    teacher, student, center = _inputs(T, S, 3, 100, torch.float32, TRITON_DEVICE)
+    t, s = torch.stack(teacher), torch.stack([x.detach() for x in student])
+    cfg = {"BLOCK_K": 16, "num_warps": 4}
+    one = dino_forward(t, s, center, 20.0, 0.2, config=cfg, splits=1)
+    ds_one = dino_backward(t, s, center, 20.0, 0.2, *one[:2], 1.5, config=cfg, splits=1)
+    for splits in (3, 9):
+        out = dino_forward(t, s, center, 20.0, 0.2, config=cfg, splits=splits)
+        for a, b in zip(one, out):
+            assert torch.equal(a, b), splits
+        ds = dino_backward(t, s, center, 20.0, 0.2, *one[:2], 1.5, config=cfg, splits=splits)
+        assert torch.equal(ds_one, ds), splits
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"]
                          + (["triton"] if HAS_TRITON else []))
 def test_crop_groups(backend, monkeypatch):

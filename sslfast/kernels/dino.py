@@ -1,4 +1,5 @@
-"""Triton kernels for the DINO loss (SEMANTICS.md §7): one pass over K per row.
+"""Triton kernels for the DINO loss (SEMANTICS.md §7): one pass over K per row n,
+for all the crops at once.
 
 Teacher crops t (T, N, K), student crops s (S, N, K) (given as one tensor or as two
 groups (S0, N, K) and (S - S0, N, K), e.g. one per crop resolution: not stacked),
@@ -10,7 +11,10 @@ center c (K,):
     d loss / d s_b = (count_b * softmax(x_b) - Q_b) / (tau_s n_terms N)
 
 (because sum_k P_a = 1). Q is rebuilt from the teacher rows and their lse in every
-pass and never stored; nothing per crop pair exists. All math in float32, in log2
+pass and never stored, once per block of columns for all the student crops (the
+sum over all T teachers, and for the crops b < T the sum without teacher b): T + S +
+min(S, T) (T - 1) exponentials per block and row, not S T. Nothing per crop pair
+exists. All math in float32, in log2
 units; the lse handed from the forward to the backward stay in log2 units (a round
 trip through ln 2 would shift a one-hot row's top probability at large logits).
 Launchers take plain tensors; autograd lives in the ops layer.
@@ -30,13 +34,12 @@ from sslfast.kernels.dot_lse import (
 
 __all__ = ["dino_forward", "dino_backward"]
 
-_LN2 = 0.6931471805599453
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A row of K = 65536 is walked in 32 blocks; 8 warps keep 8 fp32 lanes per thread per
 # operand in flight. The interpreter's small block exercises the masking.
 _GPU_CONFIG = {"BLOCK_K": 2048, "num_warps": 8}
 _INTERPRET_CONFIG = {"BLOCK_K": 32, "num_warps": 4}
-_MIN_SPLIT_COLS = 8192
+_MERGE_BLOCK = 32  # column blocks merged per step
 
 
 @triton.jit
@@ -86,78 +89,114 @@ def _dino_teacher_lse_kernel(t_ptr, c_ptr, inv_tt_ptr, lse_ptr, K, BLOCK_K: tl.c
 
 
 @triton.jit
-def _dino_fwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, term_ptr,
-                     part_ptr, T, S, S0, N, K, inv_ts, cols_per_split,
-                     SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per (student crop b, row n, column split): the online lse of x_b and
-    D = sum_k Q_b (x_b - m), m the running max (rescaled as m grows, by the Q mass seen).
-    SPLIT: stores (m, l, D, sum Q) in log2 units to part (splits, S, N, 4) for the
-    launcher to combine; else lse_s and term themselves."""
+def _dino_fwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, part_ptr,
+                     T, S, S0, N, K, inv_ts, blocks_per_split, BLOCK_K: tl.constexpr):
+    """One program per (row n, column split), walking its column blocks: Q is built once
+    per block for all the student crops (from all T teachers, and for the crops b < T
+    without teacher b), and each crop's block stores (max m, sum 2^(x - m),
+    D = sum Q (x - m), sum Q) in log2 units to part (blocks, S, N, 4), merged by
+    _dino_merge_kernel."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    LN2: tl.constexpr = 0.6931471805599453
-    b = tl.program_id(0)  # fastest: the S programs of a row run together and share its
-    n = tl.program_id(1)  # teacher rows in L2
-    split = tl.program_id(2)
-    k_begin = split * cols_per_split
-    k_end = tl.minimum(K, k_begin + cols_per_split)
-    s_row = _student_row(s0_ptr, s1_ptr, S0, b, n, N, K)
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    blk_begin = split * blocks_per_split
+    blk_end = tl.minimum(tl.cdiv(K, BLOCK_K), blk_begin + blocks_per_split)
     t_scale = tl.load(inv_tt_ptr) * LOG2E
     x_scale = inv_ts * LOG2E
+    for blk in range(blk_begin, blk_end):
+        offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = offs < K
+        part = part_ptr + (blk * S * N + n).to(tl.int64) * 4
+        for b in range(0, tl.minimum(S, T)):  # Q_b without teacher b
+            q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
+            _block_stats(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, part + b * N * 4)
+        q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, -1, n, T, N, K, offs, ok, t_scale)
+        for b in range(T, S):
+            _block_stats(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, part + b * N * 4)
+
+
+@triton.jit
+def _block_stats(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, out):
+    """Crop b's row n on one block of columns: (m, l, D, sum Q) to out[0:4]."""
+    s_row = _student_row(s0_ptr, s1_ptr, S0, b, n, N, K)
+    x = tl.load(s_row + offs, mask=ok, other=float("-inf")).to(tl.float32) * x_scale
+    m = tl.max(x, 0)  # finite: the block holds a column
+    tl.store(out, m)
+    tl.store(out + 1, tl.sum(tl.exp2(x - m), 0))
+    tl.store(out + 2, tl.sum(tl.where(ok, q * (x - m), 0.0), 0))
+    tl.store(out + 3, tl.sum(q, 0))
+
+
+@triton.jit
+def _dino_merge_kernel(part_ptr, lse_s_ptr, term_ptr, T, S, N, n_blocks,
+                       BLOCK_P: tl.constexpr):
+    """One program per student row (b * N + n): its blocks' (m, l, D, sum Q) merged at
+    the row's max m into lse_s (log2 units) and term = count lse - Q.x (natural units):
+    count (m + log2 l) - (D + m sum Q) = count log2 l - D, as sum Q = count; the max
+    cancels unrounded."""
+    LN2: tl.constexpr = 0.6931471805599453
+    row = tl.program_id(0)
+    stride = S * N * 4
     m = tl.full([], float("-inf"), tl.float32)
+    for p0 in range(0, n_blocks, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = p < n_blocks
+        m_i = tl.load(part_ptr + p.to(tl.int64) * stride + row * 4, mask=ok, other=float("-inf"))
+        m = tl.maximum(m, tl.max(m_i, 0))
     l_sum = tl.zeros([], dtype=tl.float32)
     d = tl.zeros([], dtype=tl.float32)
-    q_mass = tl.zeros([], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        ok = offs < k_end
-        x = tl.load(s_row + offs, mask=ok, other=float("-inf")).to(tl.float32) * x_scale
-        q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
-        m_new = tl.maximum(m, tl.max(x, 0))  # finite: the block holds a column
-        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), 0)
-        # where(): before the first block m = -inf and q_mass = 0 (inf * 0)
-        d = d - tl.where(q_mass > 0, (m_new - m) * q_mass, 0.0)
-        d += tl.sum(tl.where(ok, q * (x - m_new), 0.0), 0)
-        q_mass += tl.sum(q, 0)
-        m = m_new
-    if SPLIT:
-        part = part_ptr + ((split * S + b) * N + n).to(tl.int64) * 4
-        tl.store(part, m)
-        tl.store(part + 1, l_sum)
-        tl.store(part + 2, d)
-        tl.store(part + 3, q_mass)
-    else:
-        count = T - (b < T).to(tl.int32)
-        # term = count (m + log l_sum) - Q.x = count log l_sum - D: m cancels unrounded
-        tl.store(lse_s_ptr + b * N + n, m + tl.log2(l_sum))
-        tl.store(term_ptr + b * N + n, (count * tl.log2(l_sum) - d) * LN2)
+    for p0 in range(0, n_blocks, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = p < n_blocks
+        blk = part_ptr + p.to(tl.int64) * stride + row * 4
+        m_i = tl.load(blk, mask=ok, other=0.0)
+        shift = tl.where(ok, m - m_i, 0.0)
+        l_sum += tl.sum(tl.load(blk + 1, mask=ok, other=0.0) * tl.exp2(-shift), 0)
+        # each block's D moved from its own max to the row's
+        d += tl.sum(tl.load(blk + 2, mask=ok, other=0.0)
+                    - shift * tl.load(blk + 3, mask=ok, other=0.0), 0)
+    count = T - (row // N < T).to(tl.int32)
+    tl.store(lse_s_ptr + row, m + tl.log2(l_sum))
+    tl.store(term_ptr + row, (count * tl.log2(l_sum) - d) * LN2)
 
 
 @triton.jit
 def _dino_bwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_ptr,
-                     ds_ptr, T, S0, N, K, inv_ts, coef, cols_per_split, BLOCK_K: tl.constexpr):
-    """One program per (student crop b, row n, column split):
+                     ds_ptr, T, S, S0, N, K, inv_ts, coef, blocks_per_split,
+                     BLOCK_K: tl.constexpr):
+    """One program per (row n, column split), Q built once per block as in the forward:
     ds_b = g * coef * (count_b * softmax(x_b) - Q_b), coef = 1 / (tau_s n_terms N),
     stored in the student's dtype to ds (S, N, K)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    b = tl.program_id(0)
-    n = tl.program_id(1)
-    split = tl.program_id(2)
-    k_begin = split * cols_per_split
-    k_end = tl.minimum(K, k_begin + cols_per_split)
-    row = (b * N + n).to(tl.int64)
-    s_row = _student_row(s0_ptr, s1_ptr, S0, b, n, N, K)
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    blk_begin = split * blocks_per_split
+    blk_end = tl.minimum(tl.cdiv(K, BLOCK_K), blk_begin + blocks_per_split)
     t_scale = tl.load(inv_tt_ptr) * LOG2E
     x_scale = inv_ts * LOG2E
-    lse2 = tl.load(lse_s_ptr + row)
     scale = tl.load(g_ptr).to(tl.float32) * coef
-    count = (T - (b < T).to(tl.int32)).to(tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        ok = offs < k_end
-        x = tl.load(s_row + offs, mask=ok, other=0.0).to(tl.float32) * x_scale
-        q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
-        ds = scale * (count * tl.exp2(x - lse2) - q)
-        tl.store(ds_ptr + row * K + offs, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+    for blk in range(blk_begin, blk_end):
+        offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = offs < K
+        for b in range(0, tl.minimum(S, T)):  # count_b = T - 1
+            q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
+            _block_grad(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, lse_s_ptr,
+                        scale, (T - 1) * 1.0, ds_ptr)
+        q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, -1, n, T, N, K, offs, ok, t_scale)
+        for b in range(T, S):  # count_b = T
+            _block_grad(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, lse_s_ptr,
+                        scale, T * 1.0, ds_ptr)
+
+
+@triton.jit
+def _block_grad(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, lse_s_ptr, scale, count,
+                ds_ptr):
+    """Crop b's row n of ds on one block of columns."""
+    row = (b * N + n).to(tl.int64)
+    s_row = _student_row(s0_ptr, s1_ptr, S0, b, n, N, K)
+    x = tl.load(s_row + offs, mask=ok, other=0.0).to(tl.float32) * x_scale
+    ds = scale * (count * tl.exp2(x - tl.load(lse_s_ptr + row)) - q)
+    tl.store(ds_ptr + row * K + offs, ds.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -170,15 +209,14 @@ def _config(config):
     return {"BLOCK_K": config["BLOCK_K"], "num_warps": config.get("num_warps", 4)}
 
 
-def _split_plan(S, N, K, block, splits, device):
-    """(splits, columns per split): enough (b, n, split) programs for about four per SM,
-    each split at least _MIN_SPLIT_COLS columns, a multiple of the block, none empty."""
+def _split_plan(N, n_blocks, splits, device):
+    """(splits, column blocks per split): enough (row, split) programs for about four
+    per SM, none empty."""
     if _check_splits(splits) is None:
         sms = _sm_count(device)
-        splits = 1 if sms is None else max(1, min(triton.cdiv(4 * sms, S * N),
-                                                   K // _MIN_SPLIT_COLS))
-    per = triton.cdiv(triton.cdiv(K, splits), block) * block
-    return triton.cdiv(K, per), per
+        splits = 1 if sms is None else triton.cdiv(4 * sms, N)
+    per = triton.cdiv(n_blocks, min(splits, n_blocks))
+    return triton.cdiv(n_blocks, per), per
 
 
 def _check(teacher, student, center):
@@ -219,11 +257,6 @@ def _scalar(x, device):
     return torch.full((), float(x), dtype=torch.float32, device=device)  # no copy, no sync
 
 
-def _counts(T, S, device):
-    """count_b = T - [b < T]: the teachers each student crop is compared with."""
-    return T - (torch.arange(S, device=device) < T).to(torch.float32)
-
-
 def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, config=None,
                  splits=None):
     """(lse_t (T, N), lse_s (S, N), term (S, N)), float32, with
@@ -234,8 +267,10 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
     (S - S0, N, K) read where they are (no stack): float32/bfloat16/float16 (the student
     groups of one dtype); center: K elements;
     inv_teacher_temp: 1 / tau_t, a float or a 0-dim tensor (read on the device);
-    student_temp: a float. config: None or {"BLOCK_K", "num_warps"}; splits: None
-    (cut K when the (b, n) programs alone cannot fill the GPU) or a count.
+    student_temp: a float. config: None or {"BLOCK_K", "num_warps"}; splits: programs
+    per row, each walking an equal share of the column blocks: None (about four
+    programs per SM) or a count. The result does not depend on it: each block's
+    statistics are stored and merged in one order.
     """
     teacher, groups, center, S = _check(teacher, student, center)
     T, N, K = teacher.shape
@@ -245,24 +280,16 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
     lse_t = torch.empty((T, N), dtype=torch.float32, device=dev)
     _dino_teacher_lse_kernel[(T * N,)](teacher, center, inv_tt, lse_t, K,
                                        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    n_splits, per = _split_plan(S, N, K, cfg["BLOCK_K"], splits, dev)
-    if n_splits > 1:  # the kernel writes only part; lse_s and term come from it below
-        part = torch.empty((n_splits, S, N, 4), dtype=torch.float32, device=dev)
-        lse_s = term = part
-    else:  # the kernel writes lse_s and term; part is not read
-        lse_s, term = torch.empty((2, S, N), dtype=torch.float32, device=dev).unbind(0)
-        part = lse_s
-    _dino_fwd_kernel[(S, N, n_splits)](
-        teacher, groups[0], groups[-1], center, inv_tt, lse_t, lse_s, term, part,
+    n_blocks = triton.cdiv(K, cfg["BLOCK_K"])
+    n_splits, per = _split_plan(N, n_blocks, splits, dev)
+    part = torch.empty((n_blocks, S, N, 4), dtype=torch.float32, device=dev)
+    _dino_fwd_kernel[(N, n_splits)](
+        teacher, groups[0], groups[-1], center, inv_tt, lse_t, part,
         T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp), per,
-        SPLIT=n_splits > 1, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    if n_splits > 1:
-        m_i, l_i, d_i, q_i = part.unbind(-1)
-        m = m_i.amax(dim=0)
-        log2_l = torch.log2((l_i * torch.exp2(m_i - m)).sum(dim=0))
-        d = (d_i - (m - m_i) * q_i).sum(dim=0)  # each split's D moved to the global max
-        lse_s = m + log2_l
-        term = (_counts(T, S, dev)[:, None] * log2_l - d) * _LN2
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    lse_s, term = torch.empty((2, S, N), dtype=torch.float32, device=dev).unbind(0)
+    _dino_merge_kernel[(S * N,)](part, lse_s, term, T, S, N, n_blocks,
+                                 BLOCK_P=_MERGE_BLOCK, num_warps=1)
     return lse_t, lse_s, term
 
 
@@ -280,11 +307,11 @@ def dino_backward(teacher, student, center, inv_teacher_temp, student_temp, lse_
             raise ValueError(f"{name} must be float32 of shape {shape} on {dev}")
     n_terms = T * S - min(T, S)
     ds = torch.empty((S, N, K), dtype=groups[0].dtype, device=dev)
-    n_splits, per = _split_plan(S, N, K, cfg["BLOCK_K"], splits, dev)
-    _dino_bwd_kernel[(S, N, n_splits)](
+    n_splits, per = _split_plan(N, triton.cdiv(K, cfg["BLOCK_K"]), splits, dev)
+    _dino_bwd_kernel[(N, n_splits)](
         teacher, groups[0], groups[-1], center, _scalar(inv_teacher_temp, dev),
         lse_t.contiguous(), lse_s.contiguous(), _scalar(grad, dev), ds,
-        T, groups[0].shape[0], N, K, 1.0 / float(student_temp),
+        T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp),
         1.0 / (float(student_temp) * n_terms * N), per,
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return ds
