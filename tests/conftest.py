@@ -18,9 +18,24 @@ os.environ.setdefault("SSLFAST_TRITON_AUTOTUNE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# On a GPU machine these run their Triton kernels on the GPU (else under the
+# interpreter on the CPU): there they belong to the GPU tests (`pytest -m cuda`).
+_TRITON_FILES = ("test_dot_lse_kernels.py", "test_dot_lse_pair_kernels.py")
 
+
+def _runs_triton(item):
+    path = item.nodeid.split("::")[0]
+    if path.endswith("test_kernels_compile.py"):  # the ahead-of-time compile: no GPU
+        return False
+    return path.endswith(_TRITON_FILES) or "triton" in item.nodeid.lower()
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        for item in items:
+            if _runs_triton(item):
+                item.add_marker(pytest.mark.cuda)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

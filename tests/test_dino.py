@@ -36,10 +36,12 @@ def _inputs(T, S, n, k, dtype=torch.float32, device="cpu", scale=1.0):
 
 
 def _reference(teacher, student, center, tt, ts):
-    """Loss and student gradients of the definition, in float64 on the same inputs."""
-    s64 = [x.detach().double().requires_grad_() for x in student]
-    tt64 = tt.detach().double() if isinstance(tt, torch.Tensor) else tt
-    loss = dino_reference([x.double() for x in teacher], s64, center.double(), tt64, ts)
+    """Loss and student gradients of the definition, in float64 on the CPU, on the same
+    inputs (the callers compare on the CPU)."""
+    s64 = [x.detach().cpu().double().requires_grad_() for x in student]
+    tt64 = tt.detach().cpu().double() if isinstance(tt, torch.Tensor) else tt
+    loss = dino_reference([x.detach().cpu().double() for x in teacher], s64,
+                          center.cpu().double(), tt64, ts)
     grads = torch.autograd.grad(loss, s64, allow_unused=True)  # T = 1: crop 0 is in no pair
     return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(s64, grads)]
 

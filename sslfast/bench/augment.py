@@ -90,8 +90,8 @@ def providers(case, device):
     try:
         kpipes = [_kornia_pipeline(cfg).to(device) for cfg in preset.configs]
         out["kornia"] = lambda: [p(images.float() / 255) for p in kpipes]
-    except ImportError:
-        print("  kornia not installed: skipped")
+    except Exception as exc:  # noqa: BLE001 - not installed, or not importable here
+        print(f"  kornia unavailable ({type(exc).__name__}: {exc}): skipped")
     gen = torch.Generator(device=device).manual_seed(1)
     out["sslfast"] = lambda: preset(images, gen)
     try:

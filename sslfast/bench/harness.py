@@ -332,7 +332,8 @@ def backward_steps(fns, leaves):
 
 def trial_runs(fns):
     """One call of each provider first: one that runs out of GPU memory or fails
-    is recorded ({"oom": True} / {"error": ...}) and removed from ``fns``."""
+    (any exception: e.g. a third-party kernel that does not compile) is recorded
+    ({"oom": True} / {"error": ...}) and removed from ``fns``."""
     failed = {}
     for name, fn in list(fns.items()):
         try:
@@ -341,8 +342,8 @@ def trial_runs(fns):
             failed[name] = {"oom": True}
             del fns[name]
             torch.cuda.empty_cache()
-        except RuntimeError as exc:
-            print(f"  {name} failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a third-party provider may fail any way
+            print(f"  {name} failed: {type(exc).__name__}: {exc}")
             failed[name] = {"error": str(exc)[:200]}
             del fns[name]
     return failed
