@@ -12,11 +12,11 @@ center c (K,):
 
 (because sum_k P_a = 1). Q is rebuilt from the teacher rows and their lse in every
 pass and never stored, once per block of columns for all the student crops (the
-sum over all T teachers, and for the crops b < T the sum without teacher b): T + S +
-min(S, T) (T - 1) exponentials per block and row, not S T. Nothing per crop pair
-exists. All math in float32, in log2
-units; the lse handed from the forward to the backward stay in log2 units (a round
-trip through ln 2 would shift a one-hot row's top probability at large logits).
+sum over all T teachers, and for the crops b < T the sum without teacher b):
+T + S + min(S, T) (T - 1) exponentials per block column and row, not about S T.
+Nothing per crop pair exists. All math in float32, in log2 units; the lse handed
+from the forward to the backward stay in log2 units (a round trip through ln 2
+would shift a one-hot row's top probability at large logits).
 Launchers take plain tensors; autograd lives in the ops layer.
 """
 
