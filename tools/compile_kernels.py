@@ -22,9 +22,10 @@ from sslfast.kernels import dot_lse as K  # noqa: E402
 from sslfast.kernels import dot_lse_pair as PAIR  # noqa: E402
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-# The operands in the inputs' dtype (features; DINO's teacher/student outputs and
-# gradient); every other pointer is fp32, these scalars fp32, the rest int32.
-INPUTS = {"q_ptr", "k_ptr", "x_ptr", "y_ptr", "t_ptr", "s0_ptr", "s1_ptr", "ds_ptr"}
+# The operands in the inputs' dtype (features; DINO's teacher/student outputs, and the
+# DINO pass's output in its backward: the gradient); every other pointer is fp32, these
+# scalars fp32, the rest int32.
+INPUTS = {"q_ptr", "k_ptr", "x_ptr", "y_ptr", "t_ptr", "s0_ptr", "s1_ptr"}
 FLOATS = {"inv_ts", "coef", "one_exp_spread"}
 
 
@@ -69,25 +70,24 @@ def variants(quick):
     for dt in dtypes:
         block = {"BLOCK_K": DINO._GPU_CONFIG["BLOCK_K"]}
         warps = DINO._GPU_CONFIG["num_warps"]
-        out += [(DINO._dino_teacher_lse_kernel, dt, block, warps, 3),
-                (DINO._dino_fwd_kernel, dt, block, warps, 3),
-                (DINO._dino_bwd_kernel, dt, block, warps, 3)]
+        out.append((DINO._dino_teacher_lse_kernel, dt, block, warps, 3))
         # the launcher's ints equal to 1 arrive as constants (Triton specializes them)
-        ones = {"T": 1, "S": 1, "N": 1, **block}
-        out += [(DINO._dino_fwd_kernel, dt, ones, warps, 3),
-                (DINO._dino_bwd_kernel, dt, ones, warps, 3)]
+        for ones in ({}, {"T": 1, "S": 1, "N": 1}):
+            out += [(DINO._dino_pass_kernel, dt, {"BACKWARD": bw, **ones, **block}, warps, 3)
+                    for bw in (False, True)]
     out.append((DINO._dino_merge_kernel, "fp32", {"BLOCK_P": DINO._MERGE_BLOCK}, 1, 3))
     return out
 
 
 def compile_variant(fn, dtype, constexprs, arch, num_warps=4, num_stages=3):
     names = list(fn.arg_names)
+    inputs = INPUTS | ({"out_ptr"} if constexprs.get("BACKWARD") else set())
     sig = {}
     for n in names:
         if n in constexprs:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = DTYPES[dtype] if n in INPUTS else "*fp32"
+            sig[n] = DTYPES[dtype] if n in inputs else "*fp32"
         elif n in FLOATS:
             sig[n] = "fp32"
         else:

@@ -89,13 +89,16 @@ def _dino_teacher_lse_kernel(t_ptr, c_ptr, inv_tt_ptr, lse_ptr, K, BLOCK_K: tl.c
 
 
 @triton.jit
-def _dino_fwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, part_ptr,
-                     T, S, S0, N, K, inv_ts, blocks_per_split, BLOCK_K: tl.constexpr):
+def _dino_pass_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_ptr,
+                      out_ptr, T, S, S0, N, K, inv_ts, coef, blocks_per_split,
+                      BACKWARD: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per (row n, column split), walking its column blocks: Q is built once
     per block for all the student crops (from all T teachers, and for the crops b < T
-    without teacher b), and each crop's block stores (max m, sum 2^(x - m),
-    D = sum Q (x - m), sum Q) in log2 units to part (blocks, S, N, 4), merged by
-    _dino_merge_kernel."""
+    without teacher b). Forward: each crop's block stores (max m, sum 2^(x - m),
+    D = sum Q (x - m), sum Q) in log2 units to out (blocks, S, N, 4), merged by
+    _dino_merge_kernel (lse_s_ptr, g_ptr, coef unread). BACKWARD: each crop's block of
+    ds = g * coef * (count_b * softmax(x_b) - Q_b), coef = 1 / (tau_s n_terms N), in the
+    student's dtype to out (S, N, K)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     n = tl.program_id(0)
     split = tl.program_id(1)
@@ -103,16 +106,32 @@ def _dino_fwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, part_p
     blk_end = tl.minimum(tl.cdiv(K, BLOCK_K), blk_begin + blocks_per_split)
     t_scale = tl.load(inv_tt_ptr) * LOG2E
     x_scale = inv_ts * LOG2E
+    scale = 0.0
+    if BACKWARD:
+        scale = tl.load(g_ptr).to(tl.float32) * coef
     for blk in range(blk_begin, blk_end):
         offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
         ok = offs < K
-        part = part_ptr + (blk * S * N + n).to(tl.int64) * 4
-        for b in range(0, tl.minimum(S, T)):  # Q_b without teacher b
+        for b in range(0, tl.minimum(S, T)):  # Q_b without teacher b; count_b = T - 1
             q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
-            _block_stats(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, part + b * N * 4)
+            _crop_block(s0_ptr, s1_ptr, S0, b, n, S, N, K, blk, offs, ok, q, x_scale,
+                        (T - 1) * 1.0, lse_s_ptr, scale, out_ptr, BACKWARD)
         q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, -1, n, T, N, K, offs, ok, t_scale)
-        for b in range(T, S):
-            _block_stats(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, part + b * N * 4)
+        for b in range(T, S):  # count_b = T
+            _crop_block(s0_ptr, s1_ptr, S0, b, n, S, N, K, blk, offs, ok, q, x_scale,
+                        T * 1.0, lse_s_ptr, scale, out_ptr, BACKWARD)
+
+
+@triton.jit
+def _crop_block(s0_ptr, s1_ptr, S0, b, n, S, N, K, blk, offs, ok, q, x_scale, count,
+                lse_s_ptr, scale, out_ptr, BACKWARD: tl.constexpr):
+    """Crop b's row n on one block of columns: its gradient (BACKWARD) or statistics."""
+    if BACKWARD:
+        _block_grad(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, lse_s_ptr, scale,
+                    count, out_ptr)
+    else:
+        _block_stats(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale,
+                     out_ptr + ((blk * S + b) * N + n).to(tl.int64) * 4)
 
 
 @triton.jit
@@ -158,34 +177,6 @@ def _dino_merge_kernel(part_ptr, lse_s_ptr, term_ptr, T, S, N, n_blocks,
     count = T - (row // N < T).to(tl.int32)
     tl.store(lse_s_ptr + row, m + tl.log2(l_sum))
     tl.store(term_ptr + row, (count * tl.log2(l_sum) - d) * LN2)
-
-
-@triton.jit
-def _dino_bwd_kernel(t_ptr, s0_ptr, s1_ptr, c_ptr, inv_tt_ptr, lse_t_ptr, lse_s_ptr, g_ptr,
-                     ds_ptr, T, S, S0, N, K, inv_ts, coef, blocks_per_split,
-                     BLOCK_K: tl.constexpr):
-    """One program per (row n, column split), Q built once per block as in the forward:
-    ds_b = g * coef * (count_b * softmax(x_b) - Q_b), coef = 1 / (tau_s n_terms N),
-    stored in the student's dtype to ds (S, N, K)."""
-    LOG2E: tl.constexpr = 1.4426950408889634
-    n = tl.program_id(0)
-    split = tl.program_id(1)
-    blk_begin = split * blocks_per_split
-    blk_end = tl.minimum(tl.cdiv(K, BLOCK_K), blk_begin + blocks_per_split)
-    t_scale = tl.load(inv_tt_ptr) * LOG2E
-    x_scale = inv_ts * LOG2E
-    scale = tl.load(g_ptr).to(tl.float32) * coef
-    for blk in range(blk_begin, blk_end):
-        offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-        ok = offs < K
-        for b in range(0, tl.minimum(S, T)):  # count_b = T - 1
-            q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, b, n, T, N, K, offs, ok, t_scale)
-            _block_grad(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, lse_s_ptr,
-                        scale, (T - 1) * 1.0, ds_ptr)
-        q = _teacher_q(t_ptr, c_ptr, lse_t_ptr, -1, n, T, N, K, offs, ok, t_scale)
-        for b in range(T, S):  # count_b = T
-            _block_grad(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale, lse_s_ptr,
-                        scale, T * 1.0, ds_ptr)
 
 
 @triton.jit
@@ -283,10 +274,10 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
     n_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     n_splits, per = _split_plan(N, n_blocks, splits, dev)
     part = torch.empty((n_blocks, S, N, 4), dtype=torch.float32, device=dev)
-    _dino_fwd_kernel[(N, n_splits)](
-        teacher, groups[0], groups[-1], center, inv_tt, lse_t, part,
-        T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp), per,
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    _dino_pass_kernel[(N, n_splits)](
+        teacher, groups[0], groups[-1], center, inv_tt, lse_t, lse_t, inv_tt, part,
+        T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp), 0.0, per,
+        BACKWARD=False, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     lse_s, term = torch.empty((2, S, N), dtype=torch.float32, device=dev).unbind(0)
     _dino_merge_kernel[(S * N,)](part, lse_s, term, T, S, N, n_blocks,
                                  BLOCK_P=_MERGE_BLOCK, num_warps=1)
@@ -308,10 +299,10 @@ def dino_backward(teacher, student, center, inv_teacher_temp, student_temp, lse_
     n_terms = T * S - min(T, S)
     ds = torch.empty((S, N, K), dtype=groups[0].dtype, device=dev)
     n_splits, per = _split_plan(N, triton.cdiv(K, cfg["BLOCK_K"]), splits, dev)
-    _dino_bwd_kernel[(N, n_splits)](
+    _dino_pass_kernel[(N, n_splits)](
         teacher, groups[0], groups[-1], center, _scalar(inv_teacher_temp, dev),
         lse_t.contiguous(), lse_s.contiguous(), _scalar(grad, dev), ds,
         T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp),
         1.0 / (float(student_temp) * n_terms * N), per,
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+        BACKWARD=True, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return ds
