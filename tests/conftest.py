@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import random
 import zlib
@@ -18,29 +19,22 @@ os.environ.setdefault("SSLFAST_TRITON_AUTOTUNE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# On a GPU machine these run their Triton kernels on the GPU (else under the
-# interpreter on the CPU): there they belong to the GPU tests (`pytest -m cuda`).
-_TRITON_FILES = ("test_dot_lse_kernels.py", "test_dot_lse_pair_kernels.py")
-
-
-def _runs_triton(item):
-    path = item.nodeid.split("::")[0]
-    if path.endswith("test_kernels_compile.py"):  # the ahead-of-time compile: no GPU
-        return False
-    return path.endswith(_TRITON_FILES) or "triton" in item.nodeid.lower()
-
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        for item in items:
-            if _runs_triton(item):
-                item.add_marker(pytest.mark.cuda)
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """A test marked `triton` runs its Triton kernels on the GPU where there is one (so
+    it is a GPU test, `-m cuda`), else under the interpreter; without triton, skipped."""
+    gpu = torch.cuda.is_available()
+    no_triton = pytest.mark.skip(reason="no triton") if importlib.util.find_spec("triton") is None else None
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker("triton") is not None:
+            if no_triton is not None:
+                item.add_marker(no_triton)
+            if gpu:
+                item.add_marker(pytest.mark.cuda)
+        if not gpu and "cuda" in item.keywords:
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,9 @@
 """Inputs and checks shared by the contrastive-loss tests."""
 
-import importlib.util
-
-import pytest
 import torch
 
-from tests.utils import TOLERANCES
+from tests.utils import TOLERANCES, TRITON, TRITON_DEVICE
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 NS = [1, 2, 3, 17, 130, 1000]
 DS = [1, 3, 64, 200, 1024]
 TEMPERATURES = [0.05, 0.1, 0.5, 2.0, -1.0]
@@ -18,12 +14,12 @@ def backends(with_triton=True):
     """CPU backends always; the Triton kernels too (under the interpreter on CPU)."""
     out = ["cpu", "reference"]
     if with_triton:
-        out.append(pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")))
+        out.append(TRITON)
     return out
 
 
 def device_for(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def features(n, d, dtype, device="cpu", scale=1.0):

@@ -41,9 +41,9 @@ def test_scales_and_dtypes(scale, dtype, backend):
     _check(17, 64, scale, dtype, backend)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernels(dtype):
-    pytest.importorskip("triton")
     _check(7, 16, 10.0, dtype, "triton")
 
 

@@ -1,23 +1,16 @@
 """DINO loss (sslfast.functional.dino_loss / sslfast.DINOLoss) against the float64
 definition and lightly's DINOLoss; the Triton kernels under the interpreter."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import sslfast
 from sslfast.functional import dino_loss
 from sslfast.reference.dino import dino_reference
-from tests.utils import TOLERANCES, spawn_gloo
+from tests.utils import TOLERANCES, TRITON, TRITON_DEVICE, spawn_gloo
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Where Triton runs here: CPU tensors under the interpreter, else the GPU.
-TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 # The interpreter's numpy warns on exp2 overflow in lanes that are masked out.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -147,8 +140,7 @@ def test_no_grad_and_inputs_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(before, (*teacher, *student, center)))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference",
-                                     pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["cpu", "reference", TRITON])
 def test_stability(backend):
     """Huge logits and one-hot rows stay finite and exact."""
     device = TRITON_DEVICE if backend == "triton" else "cpu"
@@ -257,7 +249,7 @@ def test_opcheck(backend):
                            torch.empty(0), torch.empty(0), torch.tensor(1.5), "reference"))
 
 
-@needs_triton
+@pytest.mark.triton
 def test_opcheck_triton_two_groups():
     teacher, student, center = _inputs(2, 3, 4, 9, device=TRITON_DEVICE)
     s_in = [torch.stack([x.detach() for x in student[:2]]).requires_grad_(),
@@ -393,7 +385,7 @@ def test_center_all_reduced_over_ranks(tmp_path):
 TRITON_CASES = [(2, 2, 1, 1), (2, 3, 3, 77), (1, 3, 2, 33), (3, 2, 2, 100)]
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("T,S,n,k", TRITON_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("splits", [1, 3])
@@ -425,7 +417,7 @@ def test_triton_kernels(T, S, n, k, dtype, splits):
     torch.testing.assert_close(ds.cpu().double(), ref_ds, rtol=tol, atol=tol * scale)
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("T,S,n,k", TRITON_CASES[1:])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 def test_triton_backend(T, S, n, k, dtype):
@@ -435,7 +427,7 @@ def test_triton_backend(T, S, n, k, dtype):
     _check(teacher, student, center, "triton", tt=torch.tensor(0.05, device=TRITON_DEVICE))
 
 
-@needs_triton
+@pytest.mark.triton
 def test_triton_backend_takes_crop_tensors_as_given():
     """(crops, N, K) tensors go to the kernels without a stack (a strided one made
     contiguous there): the same loss and gradient as the lists of crops."""
@@ -451,7 +443,7 @@ def test_triton_backend_takes_crop_tensors_as_given():
     torch.testing.assert_close(g, torch.stack(torch.autograd.grad(loss_list, crops)))
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("splits", [1, 2])
 def test_triton_kernels_two_student_groups(dtype, splits):
@@ -473,7 +465,7 @@ def test_triton_kernels_two_student_groups(dtype, splits):
     assert torch.equal(ds_one, ds_two)
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("T,S", [(2, 5), (3, 2), (1, 3)])
 def test_triton_kernels_split_invariant(T, S):
     """Programs per row walk shares of the column blocks; each block's statistics are
@@ -494,8 +486,7 @@ def test_triton_kernels_split_invariant(T, S):
         assert torch.equal(ds_one, ds), splits
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"]
-                         + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("backend", ["cpu", "reference", TRITON])
 def test_crop_groups(backend, monkeypatch):
     """A list of (c, N, K) crop groups and (N, K) crops: the loss and gradients of the
     same crops one by one; the triton backend reads two student groups where they are."""
@@ -528,7 +519,7 @@ def test_crop_groups(backend, monkeypatch):
         assert len(seen[1]) == 1
 
 
-@needs_triton
+@pytest.mark.triton
 def test_triton_launcher_errors():
     from sslfast.kernels.dino import dino_forward
 

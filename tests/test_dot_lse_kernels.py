@@ -1,25 +1,17 @@
 """Triton dot-product log-sum-exp kernels (sslfast.kernels.dot_lse) against a dense
 float64 reference: values and gradients, odd shapes, exclusions, extra logits, configs."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # the interpreter must be chosen before triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
 from sslfast.kernels import dot_lse  # noqa: E402
 from sslfast.kernels.dot_lse import dot_lse_backward, dot_lse_forward  # noqa: E402
-
-# Where Triton runs here: CPU tensors under the interpreter, else the GPU.
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+from tests.utils import TRITON_DEVICE as DEVICE  # noqa: E402
 
 # The interpreter's numpy warns on exp2 overflow / log2(0) in lanes that where() discards.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]

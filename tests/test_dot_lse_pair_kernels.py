@@ -2,16 +2,11 @@
 matrix in one pass (CLIP) and the symmetric Z Z^T visited once per tile pair (NT-Xent),
 against a dense float64 reference and against the one-direction kernels."""
 
-import os
 import weakref
 
+import pytest
 import torch
 import torch.utils._python_dispatch
-
-if not torch.cuda.is_available():  # the interpreter must be chosen before triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -21,9 +16,9 @@ from sslfast.kernels.dot_lse_pair import (  # noqa: E402
     dot_lse_pair_backward,
     dot_lse_pair_forward,
 )
+from tests.utils import TRITON_DEVICE as DEVICE  # noqa: E402
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]

@@ -69,9 +69,9 @@ def test_feature_dim_first_queue():
     _check(9, 16, 0.07, torch.float32, "cpu", queue_size=33, feature_dim_first=True)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernels(dtype):
-    pytest.importorskip("triton")
     _check(5, 16, 0.07, dtype, "triton", queue_size=37)
     _check(6, 3, -1.0, dtype, "triton", m=11, labels=True)
 

@@ -9,7 +9,7 @@ import sslfast
 from sslfast import distributed
 from sslfast.functional import enqueue_, info_nce_loss
 from sslfast.reference import info_nce_reference
-from tests.utils import DEVICES, assert_no_host_sync, spawn_gloo
+from tests.utils import DEVICES, TRITON, TRITON_DEVICE, assert_no_host_sync, spawn_gloo
 
 try:
     import lightly.loss
@@ -90,28 +90,29 @@ def test_memory_bank_device_mismatch():
 # ---- the queue loss may run its backward after the enqueue --------------------------
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", TRITON])
 def test_queue_loss_backward_after_enqueue(backend):
     """MoCo's order: loss against the queue, enqueue (overwrites it), backward.
     The gradients are those against the queue as it was, with no clone."""
     n, d, k = 6, 16, 24
     dtype = torch.float32
-    q = torch.randn(n, d, dtype=dtype, requires_grad=True)
-    key = torch.randn(n, d, dtype=dtype, requires_grad=True)
-    t = torch.tensor(0.2, requires_grad=True)
-    queue = F.normalize(torch.randn(k, d), dim=1)
-    ptr = torch.zeros(1, dtype=torch.int64)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    q = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
+    key = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
+    t = torch.tensor(0.2, device=device, requires_grad=True)
+    queue = F.normalize(torch.randn(k, d, device=device), dim=1)
+    ptr = torch.zeros(1, dtype=torch.int64, device=device)
     old = queue.clone()
     loss = info_nce_loss(q, key, queue, t, backend=backend)
-    enqueue_(queue, ptr, torch.randn(n, d), normalize=True)
+    enqueue_(queue, ptr, torch.randn(n, d, device=device), normalize=True)
     assert not torch.equal(queue, old)
     grads = torch.autograd.grad(loss, [q, key, t])
-    q64, k64, t64 = (x.detach().double().requires_grad_() for x in (q, key, t))
-    ref = info_nce_reference(q64, k64, old.double(), t64)
+    q64, k64, t64 = (x.detach().cpu().double().requires_grad_() for x in (q, key, t))
+    ref = info_nce_reference(q64, k64, old.cpu().double(), t64)
     ref_grads = torch.autograd.grad(ref, [q64, k64, t64])
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g.cpu().double(), r, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -176,7 +177,8 @@ def test_memory_bank_module_int_size_and_state_dict():
 
 
 @needs_lightly
-@pytest.mark.parametrize("device, backend", [("cpu", "cpu"), ("cpu", "triton"),
+@pytest.mark.parametrize("device, backend", [("cpu", "cpu"),
+                                             pytest.param(TRITON_DEVICE, "triton", marks=pytest.mark.triton),
                                              pytest.param("cuda", "auto", marks=pytest.mark.cuda)])
 def test_ntxent_memory_bank_equals_lightly(device, backend):
     """NTXentLoss(memory_bank_size=(K, D)): same loss and gradients as lightly's

@@ -49,10 +49,10 @@ def test_temperatures_and_dtypes(temperature, dtype, backend):
     _check(17, 64, temperature, dtype, backend, tau_tensor=True)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("case", [(1, 1, 0.5), (3, 3, -1.0), (17, 64, 0.05), (5, 200, 2.0)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernels(case, dtype):
-    pytest.importorskip("triton")
     n, d, t = case
     _check(n, d, t, dtype, "triton", tau_tensor=True)
 

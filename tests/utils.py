@@ -17,6 +17,13 @@ TOLERANCES = {
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
+# Where the Triton kernels run: the GPU, else CPU tensors under the interpreter (which
+# tests/conftest.py chooses before triton is imported).
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# The "triton" backend as a test parameter. The mark skips it without triton and makes
+# it a GPU test (`-m cuda`) on a machine with a GPU (tests/conftest.py).
+TRITON = pytest.param("triton", marks=pytest.mark.triton)
+
 
 def assert_parity(actual, expected, dtype=None, what="result"):
     """actual (any dtype/device) equals the float64 expected within dtype's tolerance."""
