@@ -271,9 +271,9 @@ def test_column_splits_agree(dtype, R, C, D, exclude_offset, extra):
 
 def test_column_splits_two_sided():
     """The two-sided (NT-Xent, CLIP) dq pass split over columns equals the unsplit one."""
-    z = torch.nn.functional.normalize(torch.randn(40, 16), dim=1)
-    g = torch.randn(40)
-    scale = torch.tensor(5.0)
+    z = torch.nn.functional.normalize(torch.randn(40, 16, device=DEVICE), dim=1)
+    g = torch.randn(40, device=DEVICE)
+    scale = torch.tensor(5.0, device=DEVICE)
     lse = dot_lse_forward(z, z, scale, 0, config=SMALL_CONFIG)
     base = dot_lse_backward(z, z, scale, lse, g, 0, symmetric=True, config=SMALL_CONFIG)
     split = dot_lse_backward(z, z, scale, lse, g, 0, symmetric=True, config=SMALL_CONFIG, splits=3)
