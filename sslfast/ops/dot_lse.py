@@ -116,28 +116,27 @@ def _triangle_blocks(r):
         r0 = r1
 
 
+def _fold(run_max, run_sum, part_max, part_sum):
+    """Fold partial sums of exp(logits - part_max) into running (max, sum) vectors in
+    place; part_max a vector or a 0-dim tensor, -inf where a part is empty."""
+    new = torch.maximum(run_max, part_max)
+    shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    run_sum.mul_(torch.exp(run_max - shift)).add_(part_sum * torch.exp(part_max - shift))
+    run_max.copy_(new)
+
+
 def _online_update(run_max, run_sum, logits, dim):
     """Fold a block of logits into running (max, sum) vectors in place, reducing over
-    dim (1: the block's rows, 0: its columns)."""
-    new = torch.maximum(run_max, logits.amax(dim=dim))
-    shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    part = torch.sub(logits, shift.unsqueeze(dim)).exp_().sum(dim=dim)
-    run_sum.mul_(torch.exp(run_max - shift)).add_(part)
-    run_max.copy_(new)
+    dim (1: the block's rows, 0: its columns), each against its own maximum."""
+    m = logits.amax(dim=dim)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    _fold(run_max, run_sum, m, torch.sub(logits, shift.unsqueeze(dim)).exp_().sum(dim=dim))
 
 
 # A block takes one exponential per logit for its rows and its columns when its
 # entries' scale differs by less than e^_ONE_EXP_RANGE (float32's normal range
 # reaches e^-87); else two, each against its own row's or column's maximum.
 _ONE_EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
-
-
-def _fold(run_max, run_sum, part_max, part_sum):
-    """Fold partial sums of exp(logits - part_max) (part_max a 0-dim tensor, finite)
-    into running (max, sum) vectors in place."""
-    new = torch.maximum(run_max, part_max)
-    run_sum.mul_(torch.exp(run_max - new)).add_(part_sum * torch.exp(part_max - new))
-    run_max.copy_(new)
 
 
 def _block_lse_update(run_max, run_sum, logits, b, floor):
