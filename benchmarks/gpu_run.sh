@@ -7,8 +7,8 @@
 #     bash benchmarks/gpu_run.sh OUTDIR [--quick] [--ops ema,...] [--no-tests] [--no-bench]
 #                                   (OUTDIR default: $OUT, else ./gpu_out)
 #
-# The GPU tests are the `cuda`-marked ones; on a GPU machine conftest marks every test
-# that runs a Triton kernel too (there it runs on the GPU, not in the interpreter). They
+# The GPU tests are the `cuda`-marked ones; on a GPU machine conftest adds the tests
+# marked `triton` (there their kernels run on the GPU, not in the interpreter). They
 # use one fixed Triton config (SSLFAST_TRITON_AUTOTUNE=0, set by conftest) and run in
 # $TEST_WORKERS processes (default 4) where pytest-xdist is installed, each stopped
 # after $TEST_TIMEOUT seconds (default 480); the benchmarks autotune. A full run takes
