@@ -13,7 +13,8 @@ Providers:
   sslfast              workers only read the bytes (sslfast.pretrain.data.make_loader);
                        decode_images on the device (batched nvJPEG on a GPU), method.augment
                        (fused per-sample augmentation; bf16 channels-last views on a GPU),
-                       loss = SimCLR(backbone)(views) (fused NT-Xent)
+                       loss = SimCLR(backbone)(views) (fused NT-Xent): the pretraining
+                       command's own step (sslfast.pretrain.train.train_step)
 
 Both: the same weights (same seed), channels-last, bf16 autocast on a GPU (fp32 on the
 CPU), SGD (momentum 0.9), backward and step, the loader cycling over the images without
@@ -334,16 +335,10 @@ class Sslfast(_Training):
                                   drop_last=True, num_workers=num_workers())
 
     def step(self, batch):
-        from sslfast.pretrain.data import decode_images, stack_if_same_size
+        from sslfast.pretrain.train import train_step
 
-        encoded, _ = batch
-        images = stack_if_same_size(decode_images(encoded, self.device))
-        views = self.method.augment(images, self.generator)
-        with self.autocast:
-            loss = self.method(views)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        train_step(self.method, self.method, self.optimizer, batch[0], self.device,
+                   self.generator, self.autocast)
 
 
 def providers(case, device):

@@ -203,7 +203,7 @@ def _train(s, args, train_set, val_set, device, out_dir, ckpt):
             checkpoint.save(ckpt_path, payload)
         log.event("checkpoint", step=step, path=ckpt_path)
 
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=s["bf16"])
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"])
     t0, start_step, last_saved = time.time(), step, step
     method.train()
     while step < max_steps:
@@ -211,14 +211,7 @@ def _train(s, args, train_set, val_set, device, out_dir, ckpt):
         sampler.set_epoch(epoch, batch)
         method.set_epoch(epoch)
         for encoded, _ in loader:
-            images = stack_if_same_size(decode_images(encoded, device))
-            views = method.augment(images, generator)
-            with torch.autocast(**amp):
-                loss = model(views)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step()
-            optimizer.step()
+            loss = train_step(method, model, optimizer, encoded, device, generator, amp)
             scheduler.step()
             method.step_end(step, max_steps)
             step += 1
@@ -250,6 +243,22 @@ def _train(s, args, train_set, val_set, device, out_dir, ckpt):
         else:
             _knn(s, method, train_set, val_set, device, log, train_seconds)
     return 0
+
+
+def train_step(method, model, optimizer, encoded, device, generator, autocast):
+    """One optimizer step from a batch of encoded images: decoded on ``device``,
+    augmented into the method's views, the loss of ``model`` (the method, or
+    its DDP wrapper) under ``autocast``, backward, ``optimizer.step()``. The caller
+    steps the schedule and calls ``method.step_end``. Returns the loss."""
+    images = stack_if_same_size(decode_images(encoded, device))
+    views = method.augment(images, generator)
+    with autocast:
+        loss = model(views)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.before_optimizer_step()
+    optimizer.step()
+    return loss
 
 
 def _knn(s, method, train_set, val_set, device, log, train_seconds):
