@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.utils import TOLERANCES, TRITON, TRITON_DEVICE
+from tests.utils import TOLERANCES, TRITON
 
 NS = [1, 2, 3, 17, 130, 1000]
 DS = [1, 3, 64, 200, 1024]
@@ -16,10 +16,6 @@ def backends(with_triton=True):
     if with_triton:
         out.append(TRITON)
     return out
-
-
-def device_for(backend):
-    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def features(n, d, dtype, device="cpu", scale=1.0):

@@ -13,9 +13,9 @@ from tests.contrastive_cases import (
     as_float64_leaves,
     backends,
     check_against_reference,
-    device_for,
     features,
 )
+from tests.utils import device_for
 
 
 def _check(n, d, scale, dtype, backend):

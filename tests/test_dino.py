@@ -7,7 +7,7 @@ import torch
 import sslfast
 from sslfast.functional import dino_loss
 from sslfast.reference.dino import dino_reference
-from tests.utils import TOLERANCES, TRITON, TRITON_DEVICE, spawn_gloo
+from tests.utils import TOLERANCES, TRITON, TRITON_DEVICE, device_for, spawn_gloo
 
 # The interpreter's numpy warns on exp2 overflow in lanes that are masked out.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -143,7 +143,7 @@ def test_no_grad_and_inputs_unchanged():
 @pytest.mark.parametrize("backend", ["cpu", "reference", TRITON])
 def test_stability(backend):
     """Huge logits and one-hot rows stay finite and exact."""
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    device = device_for(backend)
     teacher, student, center = _inputs(2, 3, 5, 40, device=device, scale=1e4)
     loss = _check(teacher, student, center.to(device), backend)
     assert torch.isfinite(loss)
@@ -490,7 +490,7 @@ def test_triton_kernels_split_invariant(T, S):
 def test_crop_groups(backend, monkeypatch):
     """A list of (c, N, K) crop groups and (N, K) crops: the loss and gradients of the
     same crops one by one; the triton backend reads two student groups where they are."""
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    device = device_for(backend)
     teacher, student, center = _inputs(2, 5, 3, 24, torch.float32, device)
     globals_ = torch.stack([x.detach() for x in student[:2]]).requires_grad_()
     locals_ = torch.stack([x.detach() for x in student[2:]]).requires_grad_()

@@ -6,7 +6,7 @@ import torch
 from sslfast.ops import dot_lse as dot_lse_mod
 from sslfast.ops.dot_lse import dot_lse
 from sslfast.reference import dot_lse_reference
-from tests.utils import TRITON, TRITON_DEVICE, assert_parity
+from tests.utils import TRITON, assert_parity, device_for
 
 CASES = [  # (R, C, D, exclude_offset, with_extra)
     (1, 1, 1, None, False),
@@ -160,7 +160,7 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", ["cpu", "reference", TRITON])
 def test_pair_opcheck_and_parity(backend):
     """CLIP's two directions over one logit matrix."""
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    device = device_for(backend)
     x, y, s, _ = _inputs(6, 6, 5, torch.float32, False)
     x, y, s = (t.detach().to(device).requires_grad_() for t in (x, y, s))
     op = torch.ops.sslfast.dot_lse_pair_mean.default

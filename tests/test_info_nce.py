@@ -14,9 +14,9 @@ from tests.contrastive_cases import (
     TEMPERATURES,
     backends,
     check_against_reference,
-    device_for,
     features,
 )
+from tests.utils import device_for
 
 
 def _queue(k, d, dtype, device):

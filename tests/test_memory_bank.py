@@ -9,7 +9,7 @@ import sslfast
 from sslfast import distributed
 from sslfast.functional import enqueue_, info_nce_loss
 from sslfast.reference import info_nce_reference
-from tests.utils import DEVICES, TRITON, TRITON_DEVICE, assert_no_host_sync, spawn_gloo
+from tests.utils import DEVICES, TRITON, TRITON_DEVICE, assert_no_host_sync, device_for, spawn_gloo
 
 try:
     import lightly.loss
@@ -96,7 +96,7 @@ def test_queue_loss_backward_after_enqueue(backend):
     The gradients are those against the queue as it was, with no clone."""
     n, d, k = 6, 16, 24
     dtype = torch.float32
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    device = device_for(backend)
     q = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
     key = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
     t = torch.tensor(0.2, device=device, requires_grad=True)

@@ -25,6 +25,11 @@ TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TRITON = pytest.param("triton", marks=pytest.mark.triton)
 
 
+def device_for(backend):
+    """Where a test's inputs for ``backend`` live: the Triton device for "triton"."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
 def assert_parity(actual, expected, dtype=None, what="result"):
     """actual (any dtype/device) equals the float64 expected within dtype's tolerance."""
     dtype = dtype if dtype is not None else actual.dtype
