@@ -128,7 +128,7 @@ def test_opcheck_and_compile():
     p = sample_params(3, sizes, cfg, torch.Generator().manual_seed(0))
     from sslfast.ops.augment import _pack
 
-    args = (imgs, *_pack(p, torch.device("cpu")), 16, cfg.kernel_size, list(cfg.mean),
+    args = (imgs, *_pack(p, imgs, torch.device("cpu")), 16, cfg.kernel_size, list(cfg.mean),
             list(cfg.std), torch.float32, False)
     torch.library.opcheck(torch.ops.sslfast.augment.default, args)
 
@@ -154,14 +154,33 @@ def test_bad_input_names_the_argument():
 
 
 @needs_kernels
-def test_crop_box_outside_the_image_is_rejected():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_crop_box_outside_the_image_is_rejected(device):
+    """Boxes drawn on the CPU are checked before they travel to the images' device."""
     cfg = simclr_config(output_size=16)
     imgs, sizes = _batch(2, 0, lo=30, hi=31)
     p = sample_params(2, sizes, cfg)
     p.crop_top[1] = 29
     p.crop_height[1] = 5
     with pytest.raises(ValueError, match="crop box 1 .* is not inside images"):
-        augment(imgs, p, cfg)
+        augment([x.to(device) for x in imgs], p, cfg)
+
+
+@pytest.mark.cuda
+def test_cuda_box_outside_the_image_reads_inside():
+    """Device-resident boxes are not checked (that would sync); one outside its
+    image reads the image's edge pixels, never memory beyond it."""
+    cfg = OFF.replace(output_size=8)
+    img = torch.randint(0, 256, (1, 3, 12, 12), dtype=torch.uint8)
+    p = sample_params(1, (12, 12), cfg, torch.Generator().manual_seed(0))
+    for name, v in (("crop_top", 8), ("crop_left", -4), ("crop_height", 8), ("crop_width", 8)):
+        getattr(p, name).fill_(v)
+    out = augment(img.cuda(), p.to("cuda"), cfg)
+    ys, xs = (torch.arange(8) + 8).clamp(max=11), (torch.arange(8) - 4).clamp(min=0)
+    clamped = img[:, :, ys][:, :, :, xs].contiguous()  # the box's pixels, edge-clamped
+    for name, v in (("crop_top", 0), ("crop_left", 0)):
+        getattr(p, name).fill_(v)
+    assert _err01(out, augment_reference(clamped, p, cfg), cfg) <= 2e-3
 
 
 def test_reference_backend_and_fallback_warning(recwarn):

@@ -47,7 +47,12 @@ struct Sample {
   int64_t size;
 };
 
+// Coordinates are clamped into the image: a crop box outside it (possible only
+// with hand-made parameters: the sampler's boxes are inside, and CPU-resident
+// boxes are checked) reads edge pixels instead of memory beyond the image.
 __device__ __forceinline__ float load_pixel(const ImageRef& im, int64_t c, int64_t y, int64_t x) {
+  y = y < 0 ? 0 : (y >= im.height ? im.height - 1 : y);
+  x = x < 0 ? 0 : (x >= im.width ? im.width - 1 : x);
   const int64_t off = c * im.stride_c + y * im.stride_h + x * im.stride_w;
   if (im.is_uint8) return static_cast<float>(static_cast<const uint8_t*>(im.data)[off]) / 255.f;
   return static_cast<const float*>(im.data)[off];
@@ -55,8 +60,11 @@ __device__ __forceinline__ float load_pixel(const ImageRef& im, int64_t c, int64
 
 // The resized, flipped crop at output (y, x), as augment_cpu.cpp computes it:
 // for each source row of y's window the horizontal weighted sum, then the
-// vertical weighted sum of those.
-__device__ void resized_pixel(const Sample& s, int64_t b, int64_t y, int64_t x, float* rgb) {
+// vertical weighted sum of those. Each channel's sums run in the CPU's order;
+// the loop over columns is outside the one over channels, so that each weight
+// is computed once per row rather than once per channel.
+__device__ __forceinline__ void resized_pixel(const Sample& s, int64_t b, int64_t y, int64_t x,
+                                              float* rgb) {
   const ImageRef& im = s.images[b];
   const int64_t* box = s.boxes + 4 * b;
   const int64_t S = s.size;
@@ -69,22 +77,21 @@ __device__ void resized_pixel(const Sample& s, int64_t b, int64_t y, int64_t x, 
   for (int64_t jy = 0; jy < wy.xsize; ++jy) {
     const float wyj = ty != 0.f ? aa_weight(wy, jy) / ty : 0.f;
     const int64_t sy = box[0] + wy.xmin + jy;
-    for (int c = 0; c < 3; ++c) {
-      float acc = 0.f;
-      for (int64_t jx = 0; jx < wx.xsize; ++jx) {
-        const float wxj = tx != 0.f ? aa_weight(wx, jx) / tx : 0.f;
-        acc += wxj * load_pixel(im, c, sy, box[1] + wx.xmin + jx);
-      }
-      rgb[c] += wyj * acc;
+    float acc[3] = {0.f, 0.f, 0.f};
+    for (int64_t jx = 0; jx < wx.xsize; ++jx) {
+      const float wxj = tx != 0.f ? aa_weight(wx, jx) / tx : 0.f;
+      const int64_t sx = box[1] + wx.xmin + jx;
+      for (int c = 0; c < 3; ++c) acc[c] += wxj * load_pixel(im, c, sy, sx);
     }
+    for (int c = 0; c < 3; ++c) rgb[c] += wyj * acc[c];
   }
 }
 
 // The chain at (y, x): resize, flip, the jitter ops in order (stop_at_contrast:
 // up to contrast, exclusive), grayscale (unless stopped). mean: the gray mean at
 // contrast's turn.
-__device__ void chain_pixel(const Sample& s, int64_t b, int64_t y, int64_t x, float mean,
-                            bool stop_at_contrast, float* rgb) {
+__device__ __forceinline__ void chain_pixel(const Sample& s, int64_t b, int64_t y, int64_t x,
+                                            float mean, bool stop_at_contrast, float* rgb) {
   resized_pixel(s, b, y, x, rgb);
   const uint8_t* f = s.flags + 4 * b;
   const float* fac = s.factors + 5 * b;

@@ -24,7 +24,7 @@ class ViewsAugment:
         views = []
         for cfg in self.configs:
             params = sample_params(len(imgs), sizes, cfg, gen, device=device)
-            views.append(augment(imgs, params.to(device), cfg))
+            views.append(augment(imgs, params, cfg))
         return views
 
     def __repr__(self):

@@ -60,15 +60,33 @@ def _check_images(images):
     return out
 
 
-def _pack(params, device):
+def _check_boxes(boxes, imgs):
+    """Crop boxes (host-resident, (B, 4) top, left, height, width) inside their
+    images: checked here, before they travel to a GPU, where checking would sync
+    (the CUDA kernel then reads edge pixels for a box outside its image)."""
+    sizes = torch.tensor([[int(x.shape[1]), int(x.shape[2])] for x in imgs], dtype=torch.int64)
+    top_left, hw = boxes[:, :2], boxes[:, 2:]
+    bad = ((top_left < 0) | (hw <= 0) | (top_left + hw > sizes)).any(dim=1).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        top, left, h, w = (int(v) for v in boxes[i])
+        raise ValueError(f"params: crop box {i} (top {top}, left {left}, height {h}, width {w}) is "
+                         f"not inside images[{i}] of size {sizes[i, 0]}x{sizes[i, 1]}")
+
+
+def _pack(params, imgs, device):
+    """The kernels' parameter tensors, stacked where the parameters are (one
+    transfer each when they are drawn on the CPU for GPU images)."""
     boxes = torch.stack([params.crop_top, params.crop_left, params.crop_height,
-                         params.crop_width], dim=1).to(device=device, dtype=torch.int64)
+                         params.crop_width], dim=1).to(dtype=torch.int64)
     flags = torch.stack([params.flip, params.jitter, params.grayscale, params.solarize],
-                        dim=1).to(device=device, dtype=torch.uint8)
+                        dim=1).to(dtype=torch.uint8)
     factors = torch.stack([params.brightness, params.contrast, params.saturation, params.hue,
-                           params.blur_sigma], dim=1).to(device=device, dtype=torch.float32)
-    order = params.jitter_order.to(device=device, dtype=torch.int64)
-    return boxes.contiguous(), flags.contiguous(), factors.contiguous(), order.contiguous()
+                           params.blur_sigma], dim=1).to(dtype=torch.float32)
+    order = params.jitter_order.to(dtype=torch.int64)
+    if boxes.device.type == "cpu":
+        _check_boxes(boxes, imgs)
+    return tuple(t.to(device).contiguous() for t in (boxes, flags, factors, order))
 
 
 def augment(images, params, config, *, backend="auto"):
@@ -101,7 +119,7 @@ def augment(images, params, config, *, backend="auto"):
         compiled = False  # the haloed tile would not fit shared memory: the reference runs
         reason = f"blur kernel size {config.kernel_size} > {CUDA_MAX_BLUR_KERNEL}"
     if name in ("cpu", "cuda") and compiled:
-        boxes, flags, factors, order = _pack(params, device)
+        boxes, flags, factors, order = _pack(params, imgs, device)
         return torch.ops.sslfast.augment(imgs, boxes, flags, factors, order, config.output_size,
                                          config.kernel_size, list(config.mean), list(config.std),
                                          config.dtype, config.channels_last)
