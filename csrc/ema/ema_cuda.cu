@@ -45,8 +45,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
   const int64_t rest = table.numel[tensor] - start;
   const int64_t len = rest < kChunk ? rest : kChunk;
-  T* __restrict__ t = static_cast<T*>(table.target[tensor]) + start;
-  const S* __restrict__ s = static_cast<const S*>(table.source[tensor]) + start;
+  // Not __restrict__: a target may be its own source (each element is read, then
+  // written, by one thread).
+  T* t = static_cast<T*>(table.target[tensor]) + start;
+  const S* s = static_cast<const S*>(table.source[tensor]) + start;
   const A w = static_cast<A>(decay_ptr ? 1.0 - *decay_ptr : w_host);
 
   const bool aligned = (reinterpret_cast<uintptr_t>(t) % sizeof(Pack<T, kVec>) == 0) &&
