@@ -481,3 +481,63 @@ def test_autotuned_path_matches_fixed_config(monkeypatch):
     torch.testing.assert_close(tuned[0], fixed[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(tuned[1], fixed[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_autotuned_path(monkeypatch):
+    """The autotuned launch, as the benchmarks and users run it (every other test pins
+    one config): the keys name the problem size, a column-split launch keeps row tiles
+    of the planned height, and every config of each kernel runs (the timing is stubbed:
+    each config is called once and all tie, so the first left after pruning wins)."""
+    from sslfast.kernels import dot_lse_pair as pair
+
+    for mod in (dot_lse, pair):
+        monkeypatch.setattr(mod, "_pick_config", lambda config, *_: config)
+
+    def bench(fn, quantiles=None):
+        fn()
+        return [1.0, 1.0, 1.0]
+
+    for tuned in (dot_lse._fwd_tuned, dot_lse._bwd_dq_tuned, dot_lse._bwd_dk_tuned,
+                  pair._fwd_tuned, pair._bwd_tuned):
+        monkeypatch.setattr(tuned, "_do_bench", bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    R, C, D = 40, 1500, 200  # D = 200: chunked under BLOCK_D <= 128, resident under 256
+    q, k, ex, g = make_inputs(R, C, D, torch.float32, DEVICE, extra=True)
+    scale = torch.tensor(2.0, device=DEVICE)
+    lse = dot_lse_forward(q, k, scale, 3, ex, splits=2)
+    dq, dk, ds = dot_lse_backward(q, k, scale, lse, g, 3, splits=2)
+    (r_lse, r_dq, r_dk, r_ds), mags = reference(q, k, scale, 3, ex, g)
+    assert_rel(lse, r_lse, 1e-5, mags[0], "lse")
+    for x, r, m, what in ((dq, r_dq, mags[1], "dq"), (dk, r_dk, mags[2], "dk"),
+                          (ds, r_ds, mags[3], "dscale")):
+        assert_rel(x, r, 1e-5, m, what)
+    (key, best), = dot_lse._fwd_tuned.cache.items()
+    assert key[:2] == (R, C) and best.kwargs["BLOCK_R"] <= dot_lse._NOMINAL_BLOCK_R
+    assert next(iter(dot_lse._bwd_dq_tuned.cache.values())).kwargs["BLOCK_R"] <= 64
+    assert dot_lse._FWD_CONFIGS[0].kwargs["BLOCK_R"] > 64  # the pruning is what chose
+
+    z = torch.nn.functional.normalize(torch.randn(64, D, device=DEVICE), dim=1)
+    lse_z, _ = pair.dot_lse_pair_forward(z, None, scale, exclude_diagonal=True)
+    dz, _, _ = pair.dot_lse_pair_backward(z, None, scale, lse_z, None, g.new_ones(64), None,
+                                          exclude_diagonal=True)
+    ref_lse = dot_lse_forward(z, z, scale, 0, config=SMALL_CONFIG)
+    ref_dz = dot_lse_backward(z, z, scale, ref_lse, g.new_ones(64), 0, symmetric=True,
+                              config=SMALL_CONFIG)[0]
+    assert_rel(lse_z, ref_lse, 1e-5, ref_lse.abs().max(), "pair lse")
+    assert_rel(dz, ref_dz, 1e-5, ref_dz.abs().max(), "pair dz")
+    assert [k[:2] for k in pair._fwd_tuned.cache] == [(64, 64)]
+
+
+def test_deterministic_mode_pins_the_config(monkeypatch):
+    """Under use_deterministic_algorithms no config is autotuned (timing noise could pick
+    another in another process, and with it another order of the sums)."""
+    monkeypatch.setattr(dot_lse, "_INTERPRET", False)
+    monkeypatch.setenv("SSLFAST_TRITON_AUTOTUNE", "1")
+    assert dot_lse._pick_config(None, "interp", "fixed") is None
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert dot_lse._pick_config(None, "interp", "fixed") == "fixed"
+        assert dot_lse._pick_config({"BLOCK_R": 16}, "interp", "fixed") == {"BLOCK_R": 16}
+    finally:
+        torch.use_deterministic_algorithms(before)

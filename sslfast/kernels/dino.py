@@ -28,6 +28,7 @@ from sslfast.kernels.dot_lse import (
     _INTERPRET,
     _check_config,
     _check_splits,
+    _on_device,
     _pick_config,
     _sm_count,
 )
@@ -269,18 +270,19 @@ def dino_forward(teacher, student, center, inv_teacher_temp, student_temp, *, co
     cfg = _config(config)
     inv_tt = _scalar(inv_teacher_temp, dev)
     lse_t = torch.empty((T, N), dtype=torch.float32, device=dev)
-    _dino_teacher_lse_kernel[(T * N,)](teacher, center, inv_tt, lse_t, K,
-                                       BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     n_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     n_splits, per = _split_plan(N, n_blocks, splits, dev)
     part = torch.empty((n_blocks, S, N, 4), dtype=torch.float32, device=dev)
-    _dino_pass_kernel[(N, n_splits)](
-        teacher, groups[0], groups[-1], center, inv_tt, lse_t, lse_t, inv_tt, part,
-        T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp), 0.0, per,
-        BACKWARD=False, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     lse_s, term = torch.empty((2, S, N), dtype=torch.float32, device=dev).unbind(0)
-    _dino_merge_kernel[(S * N,)](part, lse_s, term, T, S, N, n_blocks,
-                                 BLOCK_P=_MERGE_BLOCK, num_warps=1)
+    with _on_device(teacher):
+        _dino_teacher_lse_kernel[(T * N,)](teacher, center, inv_tt, lse_t, K,
+                                           BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+        _dino_pass_kernel[(N, n_splits)](
+            teacher, groups[0], groups[-1], center, inv_tt, lse_t, lse_t, inv_tt, part,
+            T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp), 0.0, per,
+            BACKWARD=False, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+        _dino_merge_kernel[(S * N,)](part, lse_s, term, T, S, N, n_blocks,
+                                     BLOCK_P=_MERGE_BLOCK, num_warps=1)
     return lse_t, lse_s, term
 
 
@@ -299,10 +301,11 @@ def dino_backward(teacher, student, center, inv_teacher_temp, student_temp, lse_
     n_terms = T * S - min(T, S)
     ds = torch.empty((S, N, K), dtype=groups[0].dtype, device=dev)
     n_splits, per = _split_plan(N, triton.cdiv(K, cfg["BLOCK_K"]), splits, dev)
-    _dino_pass_kernel[(N, n_splits)](
-        teacher, groups[0], groups[-1], center, _scalar(inv_teacher_temp, dev),
-        lse_t.contiguous(), lse_s.contiguous(), _scalar(grad, dev), ds,
-        T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp),
-        1.0 / (float(student_temp) * n_terms * N), per,
-        BACKWARD=True, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    args = (teacher, groups[0], groups[-1], center, _scalar(inv_teacher_temp, dev),
+            lse_t.contiguous(), lse_s.contiguous(), _scalar(grad, dev), ds,
+            T, S, groups[0].shape[0], N, K, 1.0 / float(student_temp),
+            1.0 / (float(student_temp) * n_terms * N), per)
+    with _on_device(teacher):
+        _dino_pass_kernel[(N, n_splits)](*args, BACKWARD=True, BLOCK_K=cfg["BLOCK_K"],
+                                         num_warps=cfg["num_warps"])
     return ds

@@ -8,6 +8,7 @@ row and writes one float32 lse per row; the backward recomputes the similarities
 by tile from q, k and lse. Launchers take plain tensors; autograd lives in the ops layer.
 """
 
+import contextlib
 import inspect
 import os
 
@@ -369,6 +370,7 @@ _FWD_CONFIGS = [
     _cfg(128, 64, 128, 8, 2),
     _cfg(64, 128, 32, 4, 4),
     _cfg(64, 32, 64, 4, 4),
+    _cfg(64, 64, 256, 8, 2),  # D = 256 resident (the chunked path re-reads q per tile)
 ]
 # The backward holds a (BLOCK, BLOCK_D) fp32 accumulator as well: smaller tiles.
 _BWD_CONFIGS = [
@@ -378,28 +380,65 @@ _BWD_CONFIGS = [
     _cfg(32, 64, 128, 4, 3),
     _cfg(64, 32, 128, 4, 3),
     _cfg(32, 32, 64, 4, 4),
+    _cfg(64, 32, 256, 8, 2),  # D = 256: dq/dk in registers, not read-modify-written per tile
 ]
+
+
+def _prune_by_d(configs, named_args, **kwargs):
+    """Configs worth timing for this D: none whose BLOCK_D only pads (above
+    max(64, next power of two of D)), and for fp32 (IEEE) none above 128 (Triton 3.6 for
+    sm_90 spills such fp32 tiles to several KB of stack per thread)."""
+    D, ieee = named_args["D"], named_args["IEEE"]
+    cap = min(max(64, triton.next_power_of_2(max(D, 1))), 128 if ieee else 1 << 30)
+    return [c for c in configs if c.kwargs["BLOCK_D"] <= cap] or configs
+
+
+def _prune(configs, named_args, **kwargs):
+    """_prune_by_d; and with column splits (cols_per_split < C), whose count was planned
+    for row tiles of _NOMINAL_BLOCK_R, none taller (half the planned programs)."""
+    configs = _prune_by_d(configs, named_args)
+    if named_args["cols_per_split"] >= named_args["C"]:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_R"] <= _NOMINAL_BLOCK_R] or configs
+
+
 # D <= BLOCK_D: q (or k) tile resident, dq (or dk) accumulated in registers; else D is
 # walked in BLOCK_D chunks and the gradient accumulated in place in its output rows.
 _single_d = triton.heuristics({"SINGLE_D": lambda a: a["D"] <= a["BLOCK_D"]})
 # All args are passed positionally, so the key args are in the autotuner's named args
-# on every Triton version; tensor dtypes are added to the key by Triton itself.
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_fwd_kernel))
+# on every Triton version; tensor dtypes are added to the key by Triton itself. The
+# problem size (R, C and the column split) is in the key: a config tuned at one size
+# is not reused at another, nor a split launch's for an unsplit one.
+_SIZE_KEY = ["R", "C", "D", "IEEE"]
+_fwd_tuned = triton.autotune(
+    _FWD_CONFIGS, key=_SIZE_KEY + ["cols_per_split", "HAS_EXCLUDE", "HAS_EXTRA", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune})(_single_d(_dot_lse_fwd_kernel))
 _bwd_dq_tuned = triton.autotune(
-    _BWD_CONFIGS, key=["D", "IEEE", "STORE_DQ", "TWO_SIDED", "DS_BOTH"])(
-    _single_d(_dot_lse_bwd_dq_kernel))
-_bwd_dk_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE"])(_single_d(_dot_lse_bwd_dk_kernel))
+    _BWD_CONFIGS,
+    key=_SIZE_KEY + ["cols_per_split", "HAS_EXCLUDE", "STORE_DQ", "TWO_SIDED", "DS_BOTH"],
+    prune_configs_by={"early_config_prune": _prune})(_single_d(_dot_lse_bwd_dq_kernel))
+_bwd_dk_tuned = triton.autotune(
+    _BWD_CONFIGS, key=_SIZE_KEY + ["HAS_EXCLUDE", "NORM_G"],
+    prune_configs_by={"early_config_prune": _prune_by_d})(_single_d(_dot_lse_bwd_dk_kernel))
 
 
 def _pick_config(config, interpret_config, fixed_config):
     """The config to launch with: the caller's; else the interpreter's under
     TRITON_INTERPRET; else the fixed one when SSLFAST_TRITON_AUTOTUNE=0 (the test
-    suite); else None (autotune)."""
+    suite) or under torch.use_deterministic_algorithms (a config autotuned from timings
+    could differ between processes, and with it the order of the sums); else None
+    (autotune)."""
     if config is None and _INTERPRET:
         return interpret_config
-    if config is None and os.environ.get("SSLFAST_TRITON_AUTOTUNE", "1") == "0":
+    if config is None and (os.environ.get("SSLFAST_TRITON_AUTOTUNE", "1") == "0"
+                           or torch.are_deterministic_algorithms_enabled()):
         return fixed_config
     return config
+
+
+def _on_device(t):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _launch(kernel, tuned, config, grid_dim, n, D, *args, splits=1):
@@ -407,15 +446,16 @@ def _launch(kernel, tuned, config, grid_dim, n, D, *args, splits=1):
     over a (tiles of n, splits) grid. args: every kernel argument up to (not
     including) BLOCK_R, positionally."""
     config = _pick_config(config, _INTERPRET_CONFIG, _FIXED_GPU_CONFIG)
-    if config is None:
-        tuned[lambda meta: (triton.cdiv(n, meta[grid_dim]), splits)](*args)
-        return
-    config = _check_config(config)
-    blocks = {k: config[k] for k in ("BLOCK_R", "BLOCK_C", "BLOCK_D")}
-    kernel[(triton.cdiv(n, blocks[grid_dim]), splits)](
-        *args, **blocks, SINGLE_D=D <= blocks["BLOCK_D"],
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
-    )
+    with _on_device(args[0]):
+        if config is None:
+            tuned[lambda meta: (triton.cdiv(n, meta[grid_dim]), splits)](*args)
+            return
+        config = _check_config(config)
+        blocks = {k: config[k] for k in ("BLOCK_R", "BLOCK_C", "BLOCK_D")}
+        kernel[(triton.cdiv(n, blocks[grid_dim]), splits)](
+            *args, **blocks, SINGLE_D=D <= blocks["BLOCK_D"],
+            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
+        )
 
 
 # Column splits: the tiles of rows alone must give every SM about two programs, or the

@@ -49,8 +49,10 @@ from sslfast.kernels.dot_lse import (
     _check_qk,
     _check_splits,
     _mm,
+    _on_device,
     _online_lse,
     _pick_config,
+    _prune_by_d,
     _resident_tile,
     _row_vector,
     _scale_tensor,
@@ -333,6 +335,7 @@ _FWD_CONFIGS = [
     _cfg(64, 128, 4, 3),
     _cfg(64, 128, 8, 2),
     _cfg(128, 32, 4, 4),
+    _cfg(64, 256, 8, 2),  # D = 256 resident
 ]
 # The backward holds a (BLOCK, BLOCK_D) fp32 accumulator and a W^T x product as well
 # (no 128 x 128 tiles: their fp32 operands outgrow an A100's shared memory).
@@ -342,14 +345,20 @@ _BWD_CONFIGS = [
     _cfg(128, 64, 8, 2),
     _cfg(32, 128, 4, 3),
     _cfg(64, 32, 4, 3),
+    _cfg(32, 256, 8, 2),  # D = 256 resident (no spills, Triton 3.6 for sm_90)
+    _cfg(64, 256, 8, 1),
 ]
 _single_d = triton.heuristics({"SINGLE_D": lambda a: a["D"] <= a["BLOCK_D"]})
 # Outputs are atomically accumulated: the autotuner zeroes them before each trial.
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "IEEE", "SYMMETRIC"],
-                             reset_to_zero=["sum_x_ptr", "sum_y_ptr"])(
+# The problem size is in the key (R, C; the splits follow from them and the config).
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["R", "C", "D", "IEEE", "SYMMETRIC", "EXCLUDE_DIAG"],
+                             reset_to_zero=["sum_x_ptr", "sum_y_ptr"],
+                             prune_configs_by={"early_config_prune": _prune_by_d})(
     _single_d(_dot_lse_pair_fwd_kernel))
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "IEEE", "SYMMETRIC", "NEED_DY"],
-                             reset_to_zero=["dx_ptr", "dy_ptr", "dscale_ptr"])(
+_bwd_tuned = triton.autotune(_BWD_CONFIGS,
+                             key=["R", "C", "D", "IEEE", "SYMMETRIC", "EXCLUDE_DIAG", "NEED_DY"],
+                             reset_to_zero=["dx_ptr", "dy_ptr", "dscale_ptr"],
+                             prune_configs_by={"early_config_prune": _prune_by_d})(
     _single_d(_dot_lse_pair_bwd_kernel))
 
 # Splits of each row tile's column tiles: enough programs for about four per SM, or
@@ -380,14 +389,15 @@ def _launch(kernel, tuned, config, R, C, D, splits, symmetric, *args):
         auto = 1 if sms is None else _auto_splits(rt, ct, sms, symmetric)
         return max(1, min(splits or auto, ct)), rt
 
-    if config is None:
-        tuned[grid](*args)
-        return
-    _check_config(config, ("BLOCK", "BLOCK_D"))
-    meta = {"BLOCK": config["BLOCK"], "BLOCK_D": config["BLOCK_D"]}
-    kernel[grid(meta)](*args, **meta, SINGLE_D=D <= meta["BLOCK_D"],
-                       num_warps=config.get("num_warps", 4),
-                       num_stages=config.get("num_stages", 1))
+    with _on_device(args[0]):
+        if config is None:
+            tuned[grid](*args)
+            return
+        _check_config(config, ("BLOCK", "BLOCK_D"))
+        meta = {"BLOCK": config["BLOCK"], "BLOCK_D": config["BLOCK_D"]}
+        kernel[grid(meta)](*args, **meta, SINGLE_D=D <= meta["BLOCK_D"],
+                           num_warps=config.get("num_warps", 4),
+                           num_stages=config.get("num_stages", 1))
 
 
 def _use_atomics():
@@ -436,12 +446,13 @@ def _finalize(q, k, scale_t, shift, total, exclude_diag):
     cfg = dict(_FINALIZE_CONFIG)
     if _INTERPRET:
         cfg["BLOCK_R"] = cfg["BLOCK_C"] = _INTERPRET_CONFIG["BLOCK"]
-    _dot_lse_pair_finalize_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-        q, k, scale_t, shift, total, lse, R, k.shape[0], q.stride(0), k.stride(0),
-        D, exclude_diag, q.dtype == torch.float32,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=block_d, SINGLE_D=D <= block_d,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with _on_device(q):
+        _dot_lse_pair_finalize_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+            q, k, scale_t, shift, total, lse, R, k.shape[0], q.stride(0), k.stride(0),
+            D, exclude_diag, q.dtype == torch.float32,
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=block_d,
+            SINGLE_D=D <= block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return lse
 
 
