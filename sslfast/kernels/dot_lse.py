@@ -387,7 +387,7 @@ _BWD_CONFIGS = [
 def _prune_by_d(configs, named_args, **kwargs):
     """Configs worth timing for this D: none whose BLOCK_D only pads (above
     max(64, next power of two of D)), and for fp32 (IEEE) none above 128 (Triton 3.6 for
-    sm_90 spills such fp32 tiles to several KB of stack per thread)."""
+    sm_90 spills such fp32 tiles heavily to the stack)."""
     D, ieee = named_args["D"], named_args["IEEE"]
     cap = min(max(64, triton.next_power_of_2(max(D, 1))), 128 if ieee else 1 << 30)
     return [c for c in configs if c.kwargs["BLOCK_D"] <= cap] or configs
