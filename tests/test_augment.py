@@ -164,6 +164,10 @@ def test_crop_box_outside_the_image_is_rejected(device):
     p.crop_height[1] = 5
     with pytest.raises(ValueError, match="crop box 1 .* is not inside images"):
         augment([x.to(device) for x in imgs], p, cfg)
+    from sslfast.ops.augment import _pack  # boxes leaving the host: checked in Python
+
+    with pytest.raises(ValueError, match="params: crop box 1 .* is not inside images"):
+        _pack(p, imgs, torch.device("meta"))
 
 
 @pytest.mark.cuda

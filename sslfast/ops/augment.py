@@ -84,7 +84,7 @@ def _pack(params, imgs, device):
     factors = torch.stack([params.brightness, params.contrast, params.saturation, params.hue,
                            params.blur_sigma], dim=1).to(dtype=torch.float32)
     order = params.jitter_order.to(dtype=torch.int64)
-    if boxes.device.type == "cpu":
+    if boxes.device.type == "cpu" and device.type != "cpu":  # on the CPU the op checks them
         _check_boxes(boxes, imgs)
     return tuple(t.to(device).contiguous() for t in (boxes, flags, factors, order))
 
