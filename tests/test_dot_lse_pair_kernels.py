@@ -416,6 +416,24 @@ def test_auto_splits(tiles):
         assert (splits - 1) * tiles < per_sm * 132 or splits == 1
 
 
+@pytest.mark.parametrize("splits", [None, 5])
+def test_grid_is_one_axis_for_millions_of_rows(splits):
+    # 3M rows in 16-row tiles are 187500 row tiles, past grid axis 1's 65535: the row
+    # tiles and their splits share axis 0 (2^31 - 1), each row tile's splits in a row.
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return lambda *args, **meta: None
+
+    n = 3_000_000
+    x = torch.empty((n, 8), device="meta")
+    pair._launch(Kernel(), None, SMALL_CONFIG, n, n, 8, splits, True, x)
+    tiles = n // SMALL_CONFIG["BLOCK"]
+    assert launched == [((splits or 1) * tiles,)]
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

@@ -136,16 +136,18 @@ def _row_tile(x_ptr, R, stride_x, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
               SINGLE_D: tl.constexpr):
     """This program's row tile: its index, its split index and the splits' count, rows,
     their mask, the D offsets, row pointers and the resident tile (when D is one chunk).
-    The grid is (splits, row tiles): a row tile's splits are launched one after another."""
-    pid_s = tl.program_id(0)
-    pid = tl.program_id(1)
+    The grid is one axis of row tiles x splits, a row tile's splits one after another
+    (axis 0 holds 2^31 - 1 programs; axis 1 would cap the row tiles at 65535)."""
+    n_split = tl.num_programs(0) // tl.cdiv(R, BLOCK)
+    pid = tl.program_id(0) // n_split
+    pid_s = tl.program_id(0) % n_split
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < R
     offs_d = tl.arange(0, BLOCK_D)
     x_rows_ptr = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     x_res = _resident_tile(x_rows_ptr, row_ok, offs_d, D,
                            tl.zeros([BLOCK, BLOCK_D], dtype=x_ptr.dtype.element_ty), SINGLE_D)
-    return pid, pid_s, tl.num_programs(0), rows, row_ok, offs_d, x_rows_ptr, x_res
+    return pid, pid_s, n_split, rows, row_ok, offs_d, x_rows_ptr, x_res
 
 
 @triton.jit
@@ -363,8 +365,8 @@ _bwd_tuned = triton.autotune(_BWD_CONFIGS,
 
 # Splits of each row tile's column tiles: enough programs for about four per SM, or
 # eight on the symmetric triangle, whose row tile I holds T - I tiles: the grid is
-# (splits, row tiles), so programs are launched heaviest first (row tile 0's splits,
-# then row tile 1's, ...) and the finer pieces fill the last wave
+# row tiles x splits on one axis, so programs are launched heaviest first (row tile
+# 0's splits, then row tile 1's, ...) and the finer pieces fill the last wave
 # (tools/grid_balance.py models it).
 _PROGRAMS_PER_SM = 4
 _PROGRAMS_PER_SM_SYMMETRIC = 8
@@ -378,16 +380,16 @@ def _auto_splits(row_tiles, col_tiles, sms, symmetric):
 
 
 def _launch(kernel, tuned, config, R, C, D, splits, symmetric, *args):
-    """Over a (splits, row tiles) grid; splits None: _auto_splits of the config's tiles
-    (1 in the interpreter: tests pass splits explicitly). More splits than column tiles
-    would only add idle programs: clamped."""
+    """Over a grid of row tiles x splits on axis 0; splits None: _auto_splits of the
+    config's tiles (1 in the interpreter: tests pass splits explicitly). More splits
+    than column tiles would only add idle programs: clamped."""
     config = _pick_config(config, _INTERPRET_CONFIG, _FIXED_GPU_CONFIG)
     sms = _sm_count(args[0].device)
 
     def grid(meta):
         rt, ct = triton.cdiv(R, meta["BLOCK"]), triton.cdiv(C, meta["BLOCK"])
         auto = 1 if sms is None else _auto_splits(rt, ct, sms, symmetric)
-        return max(1, min(splits or auto, ct)), rt
+        return (max(1, min(splits or auto, ct)) * rt,)
 
     with _on_device(args[0]):
         if config is None:
