@@ -46,3 +46,13 @@ def _seed(request):
     random.seed(seed)
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture
+def tf32():
+    """torch's fp32 matmul precision set to TF32 for the test (the kernels follow it)."""
+    matmul = torch.backends.cuda.matmul
+    prev = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    yield
+    matmul.fp32_precision = prev

@@ -23,6 +23,10 @@ TOL = {
     torch.bfloat16: (1e-4, 1e-2),
     torch.float16: (1e-4, 1e-2),
 }
+# fp32 inputs under TF32 (torch's fp32 matmul precision "tf32"): the dots read 10 of the
+# 23 mantissa bits (the interpreter truncates, the worst case), so the logits themselves
+# carry a relative error up to 2^-9: at |scale| = 20 about 1e-3 of max|lse|.
+TF32_TOL = (3e-3, 1e-2)
 SMALL_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
 WIDE_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
 
@@ -98,7 +102,8 @@ def check(R, C, D, dtype, device, exclude_offset, extra, scale, config=None, nor
     for t in (dq, dk, dscale):
         assert torch.isfinite(t).all()
     (r_lse, r_dq, r_dk, r_ds), mags = reference(q, k, scale_t, exclude_offset, ex, g)
-    lse_rtol, g_rtol = TOL[dtype]
+    use_tf32 = dtype == torch.float32 and not dot_lse._ieee(dtype)
+    lse_rtol, g_rtol = TF32_TOL if use_tf32 else TOL[dtype]
     g_rtol = grad_rtol or g_rtol
     assert_rel(lse, r_lse, lse_rtol, mags[0], "lse")
     assert_rel(dq, r_dq, g_rtol, mags[1], "dq")
@@ -128,6 +133,36 @@ CASES = [
 def test_parity(case, dtype):
     R, C, D, off, extra, scale = case
     check(R, C, D, dtype, DEVICE, off, extra, scale)
+
+
+@pytest.mark.parametrize("case", CASES[2:], ids=lambda c: "R{}-C{}-D{}-off{}-ex{}-s{}".format(*c))
+def test_parity_tf32(case, tf32):
+    # fp32 inputs on TF32 tensor cores where torch's fp32 matmuls would use them: within
+    # TF32's tolerance, and not the IEEE result (the flag is followed, not ignored).
+    R, C, D, off, extra, scale = case
+    torch.manual_seed(1)
+    lse, *_ = check(R, C, D, torch.float32, DEVICE, off, extra, scale)
+    torch.manual_seed(1)  # the same inputs again (check draws them first)
+    q, k, ex, _ = make_inputs(R, C, D, torch.float32, DEVICE, 1.0, extra)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    ieee = dot_lse_forward(q, k, torch.tensor(float(scale), device=DEVICE), off, ex)
+    assert not torch.equal(lse, ieee)
+
+
+def test_tf32_follows_torch():
+    # Every way torch sets its fp32 matmul precision reaches the kernels' flag.
+    matmul = torch.backends.cuda.matmul
+    prev = matmul.fp32_precision
+    try:
+        for setting, ieee in (("ieee", True), ("tf32", False), ("none", True)):
+            matmul.fp32_precision = setting
+            assert dot_lse._ieee(torch.float32) is ieee
+        torch.set_float32_matmul_precision("high")
+        assert not dot_lse._ieee(torch.float32)
+        torch.set_float32_matmul_precision("highest")
+        assert dot_lse._ieee(torch.float32)
+    finally:
+        matmul.fp32_precision = prev
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -372,6 +407,16 @@ def test_parity_cuda(case, dtype):
     R, C, D, off, extra, scale = case
     check(R, C, D, dtype, "cuda", off, extra, scale)
     check(R, C, D, dtype, "cuda", off, extra, scale, config=SMALL_CONFIG)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "case", [(1000, 1000, 128, 0, False, 20.0), (999, 1001, 300, 7, True, 20.0)],
+    ids=lambda c: "R{}-C{}-D{}-off{}-ex{}-s{}".format(*c))
+def test_parity_cuda_tf32(case, tf32):
+    R, C, D, off, extra, scale = case
+    check(R, C, D, torch.float32, "cuda", off, extra, scale)
+    check(R, C, D, torch.float32, "cuda", off, extra, scale, config=SMALL_CONFIG)
 
 
 @pytest.mark.cuda

@@ -16,6 +16,7 @@ from sslfast.kernels.dot_lse_pair import (  # noqa: E402
     dot_lse_pair_backward,
     dot_lse_pair_forward,
 )
+from tests.test_dot_lse_kernels import TF32_TOL  # noqa: E402
 from tests.utils import TRITON_DEVICE as DEVICE  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -88,7 +89,8 @@ def check(R, C, D, dtype, scale, symmetric, exclude_diagonal=False, norm=1.0, gr
     assert dx.shape == (R, D) and ds.shape == ()
     assert (dy is None) == symmetric
     (r_lx, r_ly, r_dx, r_dy, r_ds), mags = reference(x, y, scale_t, exclude_diagonal, g, h)
-    lse_rtol, g_rtol = TOL[dtype]
+    use_tf32 = dtype == torch.float32 and not pair._ieee(dtype)
+    lse_rtol, g_rtol = TF32_TOL if use_tf32 else TOL[dtype]
     g_rtol = grad_rtol or g_rtol
     assert_rel(lse_x, r_lx, lse_rtol, mags[0], "lse_x")
     assert_rel(lse_y, r_ly, lse_rtol, mags[0], "lse_y")
@@ -122,6 +124,23 @@ def test_clip_parity(case, dtype, config, splits):
 def test_symmetric_parity(case, dtype, config, splits):
     n, d, excl = case
     check(n, n, d, dtype, 5.0, True, excl, config=config, splits=splits)
+
+
+@pytest.mark.parametrize("case", [(37, 53, 24, 14.3, False), (40, 40, 24, 20.0, True)],
+                         ids=lambda c: "R{}-C{}-D{}-s{}-sym{}".format(*c))
+def test_parity_tf32(case, tf32):
+    # fp32 on TF32 tensor cores when torch's fp32 matmuls would use them; not the IEEE result.
+    R, C, D, scale, symmetric = case
+    torch.manual_seed(1)
+    got = check(R, C, D, torch.float32, scale, symmetric, symmetric, config=SMALL_CONFIG,
+                splits=2)
+    torch.manual_seed(1)  # the same inputs again (check draws them first)
+    x = features(R, D, torch.float32)
+    y = None if symmetric else features(C, D, torch.float32)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    ieee = dot_lse_pair_forward(x, y, torch.tensor(scale), exclude_diagonal=symmetric,
+                                config=SMALL_CONFIG, splits=2)
+    assert not torch.equal(got[0], ieee[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -447,6 +466,14 @@ def test_parity_cuda(case, dtype):
     check(R, C, D, dtype, 20.0, symmetric, symmetric, device="cuda")
     check(R, C, D, dtype, 20.0, symmetric, symmetric, device="cuda",
           config={"BLOCK": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}, splits=7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [(1000, 1000, 128, True), (999, 1001, 300, False)],
+                         ids=lambda c: "R{}-C{}-D{}-sym{}".format(*c))
+def test_parity_cuda_tf32(case, tf32):
+    R, C, D, symmetric = case
+    check(R, C, D, torch.float32, 20.0, symmetric, symmetric, device="cuda")
 
 
 @pytest.mark.cuda

@@ -10,7 +10,6 @@ import torch
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),
     torch.float32: (1e-5, 1e-6),
-    "tf32": (3e-4, 1e-5),
     torch.bfloat16: (1e-2, 1e-2),
     torch.float16: (1e-2, 1e-3),
 }

@@ -21,7 +21,9 @@ from sslfast.kernels import dino as DINO  # noqa: E402
 from sslfast.kernels import dot_lse as K  # noqa: E402
 from sslfast.kernels import dot_lse_pair as PAIR  # noqa: E402
 
-DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+# "tf32": fp32 features multiplied on TF32 tensor cores (not IEEE), as the kernels run
+# them when torch's fp32 matmul precision is "tf32".
+DTYPES = {"fp32": "*fp32", "tf32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # The operands in the inputs' dtype (features; DINO's teacher/student outputs, and the
 # DINO pass's output in its backward: the gradient); every other pointer is fp32, these
 # scalars fp32, the rest int32.
@@ -58,16 +60,19 @@ def variants(quick):
                             {"SYMMETRIC": sym, "EXCLUDE_DIAG": sym, "NEED_DY": need_dy, **pair}))
         out.append((PAIR._dot_lse_pair_finalize_kernel, dt, {"EXCLUDE_DIAG": True, "IEEE": ieee,
                                                               **blocks}))
-    if not quick:  # every autotune config of the tile-pair kernels (bf16, D = 128)
+    if not quick:  # every autotune config of the tile-pair kernels (D = 128): bf16, and
+        # TF32 where the pruning keeps them for fp32 (BLOCK_D <= 128)
         for fn, configs in ((PAIR._dot_lse_pair_fwd_kernel, PAIR._FWD_CONFIGS),
                             (PAIR._dot_lse_pair_bwd_kernel, PAIR._BWD_CONFIGS)):
-            for c in configs:
+            for c, dt in itertools.product(configs, ("bf16", "tf32")):
+                if dt == "tf32" and c.kwargs["BLOCK_D"] > 128:
+                    continue
                 consts = {"SYMMETRIC": True, "EXCLUDE_DIAG": True, "IEEE": False, **c.kwargs,
                           "SINGLE_D": c.kwargs["BLOCK_D"] >= 128}
                 if fn is PAIR._dot_lse_pair_bwd_kernel:
                     consts["NEED_DY"] = True
-                out.append((fn, "bf16", consts, c.num_warps, c.num_stages))
-    for dt in dtypes:
+                out.append((fn, dt, consts, c.num_warps, c.num_stages))
+    for dt in [d for d in dtypes if d != "tf32"]:  # no dots
         block = {"BLOCK_K": DINO._GPU_CONFIG["BLOCK_K"]}
         warps = DINO._GPU_CONFIG["num_warps"]
         out.append((DINO._dino_teacher_lse_kernel, dt, block, warps, 3))

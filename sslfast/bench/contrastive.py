@@ -2,7 +2,9 @@
 reference (in the same dtype), lightly's NTXentLoss, and Inf-CL (GPU, where
 installed). On the GPU, NT-Xent and CLIP also run as ``sslfast_deterministic``
 (under torch.use_deterministic_algorithms: the atomic-free one-direction
-kernels instead of the tile-pair ones).
+kernels instead of the tile-pair ones), and fp32 cases as ``sslfast_tf32``
+(torch's fp32 matmul precision "tf32", which the kernels follow: TF32 tensor-core
+dots instead of IEEE FMA ones).
 
 Cases (GPU; on the CPU the sizes are scaled down):
   ntxent    2N in {4096, 16384, 65536, 262144}, D in {128, 256}
@@ -25,7 +27,8 @@ from sslfast.reference import clip_reference, info_nce_reference, ntxent_referen
 
 OP = "contrastive"
 # Every provider the benchmark may run (those not installed are skipped with a note).
-PROVIDER_NAMES = ["reference", "lightly", "inf_cl", "sslfast", "sslfast_deterministic"]
+PROVIDER_NAMES = ["reference", "lightly", "inf_cl", "sslfast", "sslfast_deterministic",
+                  "sslfast_tf32"]
 
 # (kind, rows per view N, D, queue K); NT-Xent has 2N rows and columns.
 GPU_CASES = (
@@ -101,7 +104,24 @@ def providers(case, device):
     steps = harness.backward_steps(out, [a, b])
     if device.type == "cuda" and kind != "moco":
         steps["sslfast_deterministic"] = _deterministic(steps["sslfast"])
+    if device.type == "cuda" and dtype == torch.float32:
+        steps["sslfast_tf32"] = _tf32(steps["sslfast"])
     return steps
+
+
+def _tf32(step):
+    """step with torch's fp32 matmul precision "tf32" (restored after)."""
+
+    def run():
+        matmul = torch.backends.cuda.matmul
+        prev = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            step()
+        finally:
+            matmul.fp32_precision = prev
+
+    return run
 
 
 def _deterministic(step):

@@ -27,12 +27,37 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # `allow_tf32=False` before. Chosen once here so the kernels stay version-agnostic.
 _HAS_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
 
+
+def _tf32_allowed():
+    """Whether torch's own fp32 matmuls may use TF32 (its precision "tf32", set by
+    torch.backends.cuda.matmul.fp32_precision = "tf32", allow_tf32 = True or
+    torch.set_float32_matmul_precision("high")); read at each launch, as torch reads
+    it at each matmul, backward included."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # pragma: no cover - torch before the fp32_precision API
+        return bool(matmul.allow_tf32)
+
+
+def _ieee(dtype):
+    """The IEEE flag of the kernels: fp32 inputs are multiplied in full fp32 (FMA
+    dots), or on TF32 tensor cores where torch's fp32 matmuls would be too."""
+    return dtype == torch.float32 and not _tf32_allowed()
+
 if _INTERPRET:
     # The interpreter's dot multiplies bfloat16 tiles as their raw uint16 bits (Triton 3.8);
-    # upcast first. bf16/fp16 products are exact in fp32, as on tensor cores.
+    # upcast first. bf16/fp16 products are exact in fp32, as on tensor cores. fp32 tiles
+    # of a TF32 dot (not IEEE) lose their low 13 mantissa bits, as the tensor cores
+    # read them when not rounded first: the interpreter's tests see TF32's error.
     @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        a32 = a.to(tl.float32)
+        b32 = b.to(tl.float32)
+        if not IEEE and a.dtype == tl.float32:
+            a32 = (a32.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            b32 = (b32.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        return tl.dot(a32, b32)
 
 elif _HAS_INPUT_PRECISION:
 
@@ -386,10 +411,10 @@ _BWD_CONFIGS = [
 
 def _prune_by_d(configs, named_args, **kwargs):
     """Configs worth timing for this D: none whose BLOCK_D only pads (above
-    max(64, next power of two of D)), and for fp32 (IEEE) none above 128 (Triton 3.6 for
-    sm_90 spills such fp32 tiles heavily to the stack)."""
-    D, ieee = named_args["D"], named_args["IEEE"]
-    cap = min(max(64, triton.next_power_of_2(max(D, 1))), 128 if ieee else 1 << 30)
+    max(64, next power of two of D)), and for fp32 none above 128 (Triton 3.6 for sm_90
+    spills such fp32 tiles heavily to the stack). The features are the first argument."""
+    D, fp32 = named_args["D"], next(iter(named_args.values())).dtype == torch.float32
+    cap = min(max(64, triton.next_power_of_2(max(D, 1))), 128 if fp32 else 1 << 30)
     return [c for c in configs if c.kwargs["BLOCK_D"] <= cap] or configs
 
 
@@ -599,7 +624,7 @@ def dot_lse_forward(q, k, scale, exclude_offset=None, extra=None, *, config=None
         q, k, scale_t, extra if extra is not None else lse, lse, part_m, part_l,
         R, C, q.stride(0), k.stride(0), off, per,
         # HAS_EXCLUDE, HAS_EXTRA, IEEE, SPLIT
-        D, has_excl, extra is not None, q.dtype == torch.float32, n_splits > 1,
+        D, has_excl, extra is not None, _ieee(q.dtype), n_splits > 1,
         splits=n_splits,
     )
     if n_splits > 1:
@@ -657,7 +682,7 @@ def dot_lse_backward(q, k, scale, lse, grad_lse, exclude_offset=None, need_dq=Tr
     has_excl, off = _offset(exclude_offset, R, C)
     lse = _row_vector(lse, R, dev, "lse")
     g = _row_vector(grad_lse, R, dev, "grad_lse")
-    ieee = q.dtype == torch.float32
+    ieee = _ieee(q.dtype)
     if col_lse is not None:
         if exclude_offset is not None:
             raise ValueError("col_lse takes no exclude_offset")

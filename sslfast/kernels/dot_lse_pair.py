@@ -48,6 +48,7 @@ from sslfast.kernels.dot_lse import (
     _check_config,
     _check_qk,
     _check_splits,
+    _ieee,
     _mm,
     _on_device,
     _online_lse,
@@ -451,7 +452,7 @@ def _finalize(q, k, scale_t, shift, total, exclude_diag):
     with _on_device(q):
         _dot_lse_pair_finalize_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
             q, k, scale_t, shift, total, lse, R, k.shape[0], q.stride(0), k.stride(0),
-            D, exclude_diag, q.dtype == torch.float32,
+            D, exclude_diag, _ieee(q.dtype),
             BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=block_d,
             SINGLE_D=D <= block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -484,7 +485,7 @@ def dot_lse_pair_forward(x, y, scale, *, exclude_diagonal=False, config=None, sp
         _dot_lse_pair_fwd_kernel, _fwd_tuned, config, R, C, D, splits, symmetric,
         x, y, scale_t, shift_x, shift_x if symmetric else shift_y, sum_x, sum_y,
         R, C, x.stride(0), y.stride(0), _ONE_EXP_SPREAD,
-        D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32,
+        D, symmetric, bool(exclude_diagonal), _ieee(x.dtype),
     )
     lse_x = _finalize(x, y, scale_t, shift_x, sum_x, bool(exclude_diagonal))
     if symmetric:
@@ -533,6 +534,6 @@ def dot_lse_pair_backward(x, y, scale, lse_x, lse_y, grad_x, grad_y, *, exclude_
         _dot_lse_pair_bwd_kernel, _bwd_tuned, config, R, C, D, splits, symmetric,
         x, y, scale_t, lse_x, lse_y, g_x, g_y, g_norm, dx, dy, ds,
         R, C, x.stride(0), y.stride(0), _ONE_EXP_SPREAD,
-        D, symmetric, bool(exclude_diagonal), x.dtype == torch.float32, need_dy or symmetric,
+        D, symmetric, bool(exclude_diagonal), _ieee(x.dtype), need_dy or symmetric,
     )
     return dx, (dy if need_dy else None), ds.sum()
