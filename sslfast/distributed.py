@@ -23,7 +23,9 @@ def world_size():
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather forward; backward gives each rank the sum over ranks of the
-    gradient for its own rows (all_reduce, then its slice)."""
+    gradient for its own rows (all_reduce, then its slice). A bf16/fp16 gradient
+    is summed in fp32 and rounded once (in its own dtype each rank's addend would
+    round again)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -34,9 +36,10 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        acc = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
+        total = grad.to(acc, memory_format=torch.contiguous_format, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n].to(grad.dtype)
 
 
 def gather(x):

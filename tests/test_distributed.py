@@ -37,7 +37,15 @@ def _worker(rank, world):
         ga, gb = torch.autograd.grad(loss, [a, b])
         results[name] = (loss.detach(), ga, gb)
     results["gather_no_grad"] = distributed.gather_no_grad(torch.full((2,), float(rank)))
+    x = torch.ones(N, D, dtype=torch.bfloat16, requires_grad=True)
+    (distributed.gather(x) * BF16_ADDENDS[rank]).sum().backward()
+    results["bf16_grad"] = x.grad
     return results
+
+
+# Each rank's gradient for every gathered row: summed in bf16, 1 + 2^-8 rounds back to
+# 1 (a tie, to even) and so does the next + 2^-8; summed in fp32 they make 1 + 2^-7.
+BF16_ADDENDS = [1.0, 2.0**-8, 2.0**-8]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -55,8 +63,12 @@ def test_gather_distributed_equals_one_process(world, tmp_path):
             torch.testing.assert_close(res[name][1], world * ga[rows], rtol=1e-10, atol=1e-12, msg=name)
             torch.testing.assert_close(res[name][2], world * gb[rows], rtol=1e-10, atol=1e-12, msg=name)
     expected = torch.arange(world, dtype=torch.float32).repeat_interleave(2)
+    bf16_sum = torch.tensor(sum(BF16_ADDENDS[:world]), dtype=torch.float32).to(torch.bfloat16)
     for res in per_rank:
         assert torch.equal(res["gather_no_grad"], expected)
+        assert res["bf16_grad"].dtype == torch.bfloat16
+        assert torch.equal(res["bf16_grad"], torch.full((N, D), bf16_sum.item(),
+                                                        dtype=torch.bfloat16))
 
 
 def test_single_process_helpers_are_identity():

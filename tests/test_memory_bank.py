@@ -176,6 +176,24 @@ def test_memory_bank_module_int_size_and_state_dict():
         sslfast.MemoryBankModule((4, 5, 6))
 
 
+def test_memory_bank_module_int_size_puts_the_pointer_with_the_bank():
+    # The bank is made on the first batch's device; the pointer must follow it there
+    # (enqueue_ takes both on one device), as lightly's module needs no .to(device).
+    m = sslfast.MemoryBankModule(12)
+    m(torch.empty(4, 7, device="meta"))
+    assert m.bank.device == m.bank_ptr.device == torch.device("meta")
+
+
+@pytest.mark.cuda
+def test_memory_bank_module_int_size_on_cuda_without_to():
+    m = sslfast.MemoryBankModule(12)
+    keys = torch.randn(4, 7, device="cuda")
+    m(keys, update=True)
+    _, bank = m(keys, update=False)
+    assert int(m.bank_ptr) == 4 and bank.device.type == "cuda"
+    assert torch.equal(bank.T[:4], keys)
+
+
 @needs_lightly
 @pytest.mark.parametrize("device, backend", [("cpu", "cpu"),
                                              pytest.param(TRITON_DEVICE, "triton", marks=pytest.mark.triton),

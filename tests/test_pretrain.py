@@ -251,3 +251,65 @@ def test_dino_local_views_keep_their_crop_scale():
 def test_bf16_autocast_on_the_cpu(tmp_path):
     assert main(_args("mocov2", tmp_path / "r", "--no-knn", "--epochs", "1",
                       "--precision", "bf16")) == 0
+
+
+def test_local_rank_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
+    from sslfast.pretrain import train
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK=1 but this process sees 1 CUDA device"):
+        train._init_distributed("cuda")
+
+
+def test_a_rank_failing_alone_under_nccl_exits_without_destroying(tmp_path, monkeypatch, capsys):
+    # Destroying an NCCL group waits for the peers, which wait in their next collective:
+    # the failing rank prints its traceback and exits; torchrun then stops the peers.
+    from sslfast.pretrain import train
+
+    calls = []
+    monkeypatch.setattr(train, "_init_distributed", lambda device_type: (torch.device("cpu"),
+                                                                         True))
+    monkeypatch.setattr(train.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: calls.append("destroy"))
+
+    def fail(*args):
+        raise OSError("No space left on device")
+
+    def bad_input(*args):
+        raise ValueError("bad")
+
+    def exit_(code):
+        calls.append(("exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(train, "_train", fail)
+    monkeypatch.setattr(train.os, "_exit", exit_)
+    with pytest.raises(SystemExit):
+        main(_args("simclr", tmp_path / "r"))
+    assert calls == [("exit", 1)]
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr(train, "_train", bad_input)
+    calls.clear()
+    with pytest.raises(SystemExit):  # bad input: main()'s message and status
+        main(_args("simclr", tmp_path / "r3"))
+    assert calls == [("exit", 2)]
+    assert "sslfast-pretrain: error: bad" in capsys.readouterr().err
+    monkeypatch.setattr(train.dist, "get_backend", lambda: "gloo")  # gloo: raise, destroy
+    monkeypatch.setattr(train, "_train", fail)
+    calls.clear()
+    with pytest.raises(OSError):
+        main(_args("simclr", tmp_path / "r2"))
+    assert calls == ["destroy"]
+
+
+@pytest.mark.cuda
+def test_checkpoint_restores_the_rank_devices_cuda_generator():
+    from sslfast.pretrain import checkpoint
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    state = checkpoint.rng_state(generator)
+    first = (torch.rand(4, device="cuda"), torch.rand(4, device="cuda", generator=generator))
+    checkpoint.set_rng_state(state, generator)
+    again = (torch.rand(4, device="cuda"), torch.rand(4, device="cuda", generator=generator))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

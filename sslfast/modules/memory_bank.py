@@ -184,6 +184,7 @@ class MemoryBankModule(nn.Module):
         if self.bank.numel() == 0:  # an int size: the dimension comes with the first batch
             self.bank = _random_unit_rows(self.size, output.shape[1], torch.float32,
                                           output.device)
+            self.bank_ptr = self.bank_ptr.to(output.device)  # enqueue_ wants both on one device
         bank = self.bank.clone().detach()
         if self.feature_dim_first:
             bank = bank.transpose(0, -1)

@@ -18,16 +18,21 @@ RESUME_KEYS = ("method", "backbone", "data", "image_size", "batch_size", "epochs
 
 
 def rng_state(generator):
+    """This rank's generators. CUDA: only the default generator of the rank's own
+    device (the augmentation generator's), so a resume with another number of
+    visible GPUs per process restores the one that matters."""
+    device = generator.device
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "python": random.getstate(), "numpy": np.random.get_state(),
             "augment": generator.get_state()}
 
 
 def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = generator.device
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     generator.set_state(state["augment"])

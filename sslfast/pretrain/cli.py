@@ -194,9 +194,13 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         return pretrain(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except USER_ERRORS as exc:
         print(f"sslfast-pretrain: error: {exc}", file=sys.stderr)
         return 2
+
+
+# Bad input: a one-line message and exit status 2, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from sslfast._memory import keep_freed_memory
 from sslfast.methods import METHODS
 from sslfast.pretrain import checkpoint
 from sslfast.pretrain.backbones import build_backbone, check_backbone
-from sslfast.pretrain.cli import WANTS_SYNC_BN, settings_from_args
+from sslfast.pretrain.cli import USER_ERRORS, WANTS_SYNC_BN, settings_from_args
 from sslfast.pretrain.data import (
     EncodedImages,
     decode_images,
@@ -44,6 +45,10 @@ def _init_distributed(device_type):
     """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU. Returns the
     device and whether this call initialized the process group."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda" and local >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK={local} but this process sees {torch.cuda.device_count()} "
+                         "CUDA device(s): launch one process per visible GPU "
+                         "(torchrun --nproc-per-node at most the GPU count)")
     device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device, False
@@ -147,10 +152,25 @@ def pretrain(args):
             out_dir = box[0]
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
-        return _train(s, args, train_set, val_set, device, out_dir, ckpt)
-    finally:
+        result = _train(s, args, train_set, val_set, device, out_dir, ckpt)
+    except BaseException as exc:
+        if owns_group and dist.get_backend() == "nccl":
+            # One rank may have failed alone (a full disk on rank 0, an out-of-memory
+            # error): its peers wait in their next collective, and destroying an NCCL
+            # group waits for them. Exit now, as main() would; torchrun stops the peers.
+            if isinstance(exc, USER_ERRORS):
+                print(f"sslfast-pretrain: error: {exc}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(2 if isinstance(exc, USER_ERRORS) else 1)
         if owns_group:
             dist.destroy_process_group()
+        raise
+    if owns_group:
+        dist.destroy_process_group()
+    return result
 
 
 def _train(s, args, train_set, val_set, device, out_dir, ckpt):
