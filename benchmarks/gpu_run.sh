@@ -4,7 +4,8 @@
 # run the benchmark of every op (sslfast-bench --check), and leave logs, result
 # files and the rendered report in one folder.
 #
-#     bash benchmarks/gpu_run.sh OUTDIR [--quick] [--ops ema,...] [--no-tests] [--no-bench]
+#     bash benchmarks/gpu_run.sh OUTDIR [--quick] [--ops ema,...] [--cases TEXT,...]
+#                                   [--no-tests] [--no-bench]
 #                                   (OUTDIR default: $OUT, else ./gpu_out)
 #
 # The GPU tests are the `cuda`-marked ones; on a GPU machine conftest adds the tests
@@ -12,7 +13,8 @@
 # use one fixed Triton config (SSLFAST_TRITON_AUTOTUNE=0, set by conftest) and run in
 # $TEST_WORKERS processes (default 4) where pytest-xdist is installed, each stopped
 # after $TEST_TIMEOUT seconds (default 480); the benchmarks autotune. A full run takes
-# longer than one 10-minute device call: split it with --ops, --quick, --no-tests or
+# longer than one 10-minute device call: split it with --ops, --cases (e.g. the
+# contrastive sweep: --cases bfloat16, then --cases float32), --quick, --no-tests or
 # --no-bench.
 # Pure-Python wheels in .whl/ (lightly, kornia, pytest-xdist, ...) are installed first.
 set -uo pipefail
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
     --no-bench) run_bench=0 ;;
     --quick) bench_args+=(--quick) ;;
     --ops) bench_args+=(--ops "$2"); shift ;;
+    --cases) bench_args+=(--cases "$2"); shift ;;
     *) echo "gpu_run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift

@@ -200,3 +200,32 @@ def test_pytest_benchmark_runs_the_same_benchmarks():
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "passed" in out.stdout and "sslfast" in out.stdout
+
+
+def test_cases_option_runs_only_the_matching_cases(monkeypatch, capsys, tmp_path):
+    import importlib
+
+    module = importlib.import_module(OPS["contrastive"])
+    monkeypatch.setattr(module, "cases", module.cases)  # restored after the test
+    assert main(["--quick", "--ops", "contrastive", "--cases", "moco,float32", "--device", "cpu",
+                 "--results", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "contrastive.jsonl")]
+    assert rows and all(r["model"] == "moco" for r in rows)
+    with pytest.raises(SystemExit):
+        main(["--quick", "--ops", "contrastive", "--cases", "no-such-case", "--device", "cpu",
+              "--no-write"])
+    assert "no case of ['contrastive'] matches" in capsys.readouterr().err
+
+
+def test_report_merges_the_parts_of_one_commits_sweep():
+    base = {"op": "contrastive", "device": "GPU", "commit": "abc", "quick": False}
+    older = {**base, "commit": "old", "date": "2026-01-01", "shape": "s1", "dtype": "bfloat16",
+             "provider": "sslfast"}
+    part1 = {**base, "date": "2026-01-02", "shape": "s1", "dtype": "bfloat16", "provider": "sslfast"}
+    part2 = {**base, "date": "2026-01-03", "shape": "s1", "dtype": "float32", "provider": "sslfast"}
+    again = {**part1, "date": "2026-01-04"}
+    runs = report.latest_runs([older, part1, part2])[("contrastive", "GPU")]
+    assert runs == [part1, part2]
+    runs = report.latest_runs([older, part1, part2, again])[("contrastive", "GPU")]
+    assert runs == [part2, again]
+    assert report._dates(runs) == "2026-01-03, 2026-01-04"

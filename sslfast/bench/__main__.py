@@ -1,7 +1,8 @@
 """sslfast-bench: check every op against its reference, then benchmark it.
 
     python -m sslfast.bench [--check | --check-only] [--quick] [--ops ema,...]
-                            [--device cpu|cuda] [--no-write] [--results DIR]
+                            [--cases TEXT,...] [--device cpu|cuda] [--no-write]
+                            [--results DIR]
 
 ``--check`` first verifies every selected op against its reference on this
 device (values and gradients, small and large shapes) and prints a pass/fail
@@ -9,7 +10,11 @@ table; an op that fails is not benchmarked and the command exits with status 1.
 Then each op's benchmark runs (the full sweep, or ``--quick``: a one-minute
 pass), on the GPU when there is one (else with CPU-sized cases), with the
 device's ceilings measured once at the start, a progress bar on stderr, a table
-per case, and JSON lines appended to the results folder.
+per case, and JSON lines appended to the results folder. ``--cases`` keeps the
+cases whose description (the op's case tuple as text, e.g. ``('ntxent', 8192,
+128, 0, torch.bfloat16)``) holds every comma-separated text: a sweep too long for
+one call can be split, e.g. ``--cases bfloat16`` then ``--cases float32``; the
+report merges the parts of one commit.
 """
 
 import argparse
@@ -28,6 +33,8 @@ def _parser():
     p.add_argument("--check-only", action="store_true", help="verify, do not benchmark")
     p.add_argument("--quick", action="store_true", help="small cases, short timing")
     p.add_argument("--ops", default=None, help="comma-separated; default all: " + ",".join(OPS))
+    p.add_argument("--cases", default=None,
+                   help="comma-separated texts a case's description must all hold")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true", help="do not append to the results")
     p.add_argument("--results", default=None,
@@ -55,7 +62,12 @@ def main(argv=None):
     if a.check_only:
         return 1 if failed else 0
     modules = {op: importlib.import_module(OPS[op]) for op in ops if op not in failed}
+    if a.cases:
+        for m in modules.values():
+            _keep_cases(m, a.cases.split(","))
     total = sum(len(m.cases(device, a.quick)) for m in modules.values())
+    if a.cases and not total:
+        p.error(f"--cases {a.cases}: no case of {list(modules)} matches")
     progress = harness.Progress(total)
     ceil = harness.ceilings(device, a.quick) if modules else None
     for op, module in modules.items():
@@ -63,6 +75,17 @@ def main(argv=None):
         module.run(device, a.quick, not a.no_write, progress=progress, ceil=ceil)
     progress.close()
     return 1 if failed else 0
+
+
+def _keep_cases(module, texts):
+    """module.cases, from now on, keeps only the cases whose text holds every text
+    (each op's run() reads its cases through that name)."""
+    every = module.cases
+
+    def cases(*args, **kwargs):
+        return [c for c in every(*args, **kwargs) if all(t in str(c) for t in texts)]
+
+    module.cases = cases
 
 
 def cli():

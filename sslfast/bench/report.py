@@ -39,16 +39,30 @@ def load(results_dir=None):
 
 def latest_runs(records):
     """{(op, device): records of the newest run}. A run's records share the
-    date stamped when it started."""
+    date stamped when it started. Runs of the newest run's commit are merged
+    (a sweep split over several calls, e.g. by --cases), the newest record of
+    each (case, dtype, provider) kept."""
     by_key = {}
     for r in records:
         by_key.setdefault((r["op"], r["device"]), []).append(r)
     out = {}
     for key, rs in by_key.items():
         full = [r for r in rs if not r.get("quick")] or rs
-        newest = max(r["date"] for r in full)
-        out[key] = [r for r in full if r["date"] == newest]
+        newest = max(full, key=lambda r: r["date"])
+        same = [r for r in full if r.get("commit") == newest.get("commit")]
+        pick = {}
+        for r in same:
+            k = (r.get("model"), r.get("shape"), r.get("dtype"), r["provider"])
+            if k not in pick or r["date"] > pick[k]["date"]:
+                pick[k] = r
+        out[key] = [r for r in same if pick[(r.get("model"), r.get("shape"), r.get("dtype"),
+                                             r["provider"])] is r]
     return out
+
+
+def _dates(rs):
+    """The run date, or the dates of the merged runs."""
+    return ", ".join(sorted({r["date"] for r in rs}))
 
 
 def _ms(v):
@@ -126,7 +140,7 @@ def render(records):
         quick = " (quick run)" if r0.get("quick") else ""
         parts.append(
             f"**{op}** on {device}{quick}: torch {r0['torch']}, commit `{r0['commit']}`, "
-            f"{r0['date']}; {_ceiling_text(r0)}.\n\n{table(rs)}\n"
+            f"{_dates(rs)}; {_ceiling_text(r0)}.\n\n{table(rs)}\n"
         )
     if not parts:
         return "No results yet: run `make bench`.\n"
@@ -267,7 +281,7 @@ def render_report(records, report_path, plots_dir=None):
             quick = " (quick run)" if r0.get("quick") else ""
             lines += [f"### {op}{quick}", "",
                       f"torch {r0['torch']}, Triton {r0.get('triton')}, CUDA {r0.get('cuda')}, "
-                      f"commit `{r0['commit']}`, {r0['date']}; {_ceiling_text(r0)}.", "",
+                      f"commit `{r0['commit']}`, {_dates(rs)}; {_ceiling_text(r0)}.", "",
                       full_table(rs), ""]
             for path in plot_run(rs, op, device, plots_dir):
                 rel = os.path.relpath(path, os.path.dirname(report_path))
