@@ -20,6 +20,7 @@ from sslfast.pretrain.data import (  # noqa: E402
     stack_if_same_size,
 )
 from sslfast.pretrain.knn import extract_features, knn_accuracy, knn_predict  # noqa: E402
+from tests.utils import spawn_gloo  # noqa: E402
 
 # torchvision 0.29 deprecates its image codecs (in favour of TorchCodec) on every call
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -276,6 +277,39 @@ def test_knn_accuracy_on_pixels():
     assert torch.equal(labels, test.labels)
     # with the test set as its own bank, each image's nearest neighbour is itself
     assert knn_accuracy(backbone, test, test, "cpu", 32, k=1) == 1.0
+
+
+def _knn_accuracies(rank=0, world=1):
+    """The accuracies of four (k, t), and the sizes of the datasets embedded."""
+    from sslfast.pretrain import knn
+
+    # 101 training images: shards of 51/50 or 34/34/33, so k = 60 exceeds every shard
+    train, test = embedded_dataset("train", size=101), embedded_dataset("test", size=37)
+    sizes, extract = [], knn.extract_features
+
+    def recording(backbone, dataset, *args, **kw):
+        sizes.append(len(dataset))
+        return extract(backbone, dataset, *args, **kw)
+
+    knn.extract_features = recording
+    try:
+        accs = [knn_accuracy(nn.Flatten(), train, test, "cpu", 16, k=k, t=t, batch_size=16)
+                for k, t in ((1, 0.1), (5, 0.07), (60, 0.5), (500, 0.1))]
+    finally:
+        knn.extract_features = extract
+    return accs, sizes
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_knn_accuracy_over_ranks_equals_one_process(world, tmp_path):
+    # Each rank embeds a shard of the training set (and the whole test set); the
+    # merged neighbours are the global ones: every rank returns the one-process accuracy.
+    per_rank = spawn_gloo(_knn_accuracies, world, tmp_path)
+    expected, sizes = _knn_accuracies()
+    assert len(set(expected)) > 1 and sizes == [101, 37] * 4
+    for r, (accs, sizes) in enumerate(per_rank):
+        assert accs == expected
+        assert sizes == [len(range(r, 101, world)), 37] * 4
 
 
 def test_extract_features_mixed_sizes(tmp_path):

@@ -2,8 +2,10 @@
 
 The usual monitor of self-supervised training: features of the training set form
 the bank, each test image votes over its ``k`` most cosine-similar bank entries
-with weights ``exp(sim / t)``. Single process: under torch.distributed the caller
-evaluates on rank 0.
+with weights ``exp(sim / t)``. Under torch.distributed every rank takes part
+(``knn_accuracy``): each embeds a shard of the training set and the whole test set,
+finds each test image's ``k`` nearest among its shard, and the ranks' candidates are
+gathered and merged (the top ``k`` of the shards' top ``k`` are the top ``k``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslfast import distributed
 from sslfast.augment.config import IMAGENET_MEAN, IMAGENET_STD
 from sslfast.pretrain.data import decode_images, make_loader, stack_if_same_size
 
@@ -54,14 +57,44 @@ def knn_predict(
         raise ValueError(f"knn_k must be >= 1, got {knn_k}")
     if knn_t <= 0:
         raise ValueError(f"knn_t must be > 0, got {knn_t}")
+    sim_weight, sim_labels = _nearest(feature, feature_bank, feature_labels, knn_k)
+    return _vote(sim_weight, sim_labels, num_classes, knn_t)
+
+
+def _nearest(feature, feature_bank, feature_labels, knn_k):
+    """(similarities, labels) of each row's min(k, M) most similar bank entries."""
     k = min(int(knn_k), feature_bank.shape[1])
     sim = feature @ feature_bank  # (B, M)
     sim_weight, sim_indices = sim.topk(k, dim=1)  # (B, k)
-    sim_labels = feature_labels.to(sim_indices.device).reshape(-1)[sim_indices]
+    return sim_weight, feature_labels.to(sim_indices.device).reshape(-1)[sim_indices]
+
+
+def _vote(sim_weight, sim_labels, num_classes, knn_t):
+    """Classes ranked by the votes exp(sim / t) of the neighbours, best first."""
     weights = (sim_weight.float() / knn_t).exp()
-    scores = torch.zeros(feature.shape[0], num_classes, dtype=torch.float32, device=sim.device)
+    scores = torch.zeros(sim_weight.shape[0], num_classes, dtype=torch.float32,
+                         device=sim_weight.device)
     scores.scatter_add_(1, sim_labels, weights)
     return scores.argsort(dim=1, descending=True)
+
+
+def _nearest_over_ranks(feature, bank_t, bank_labels, knn_k):
+    """_nearest over the union of every rank's bank shard: each rank's k nearest
+    (padded to k with -inf similarities, which vote 0 and sort last), gathered,
+    and the k best of those. Collective: every rank calls it with the same rows."""
+    k = int(knn_k)
+    sim, labels = (_nearest(feature, bank_t, bank_labels, k) if bank_t.shape[1] else
+                   (feature.new_empty(feature.shape[0], 0),
+                    bank_labels.new_empty(feature.shape[0], 0)))
+    pad = k - sim.shape[1]
+    sim = F.pad(sim.float(), (0, pad), value=float("-inf"))
+    labels = F.pad(labels, (0, pad), value=0)
+    sim_all = distributed.gather_no_grad(sim[None])  # (W, B, k)
+    labels_all = distributed.gather_no_grad(labels[None])
+    sim_all = sim_all.permute(1, 0, 2).reshape(feature.shape[0], -1)
+    labels_all = labels_all.permute(1, 0, 2).reshape(feature.shape[0], -1)
+    best, idx = sim_all.topk(k, dim=1)
+    return best, labels_all.gather(1, idx)
 
 
 def _prepare(images, image_size: int, mean: torch.Tensor, std: torch.Tensor, channels_last):
@@ -148,19 +181,40 @@ def knn_accuracy(
 ) -> float:
     """Top-1 accuracy in [0, 1] of weighted kNN on ``test_set`` with ``train_set`` as bank.
     ``feature_kw``: the rest of ``extract_features``'s options (mean, std, channels_last,
-    autocast_dtype, num_workers)."""
+    autocast_dtype, num_workers).
+
+    Under torch.distributed it is collective and every rank returns the accuracy:
+    rank r embeds the training images r, r + W, ... (no padding, no duplicates) and
+    the whole test set; the nearest neighbours are merged over the ranks."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if t <= 0:
+        raise ValueError(f"t must be > 0, got {t}")
+    if len(train_set) == 0:
+        raise ValueError("train_set is empty")
     kw = dict(batch_size=batch_size, **feature_kw)
-    bank, bank_labels = extract_features(backbone, train_set, device, image_size, **kw)
+    rank, world = distributed.rank(), distributed.world_size()
+    shard = train_set if world == 1 else torch.utils.data.Subset(
+        train_set, range(rank, len(train_set), world))
+    if len(shard):
+        bank, bank_labels = extract_features(backbone, shard, device, image_size, **kw)
+    else:  # fewer training images than ranks
+        bank = torch.empty(0, 0, device=device)
+        bank_labels = torch.empty(0, dtype=torch.int64, device=device)
     test, test_labels = extract_features(backbone, test_set, device, image_size, **kw)
     classes = getattr(train_set, "classes", None)
-    num_classes = max(
-        len(classes) if classes is not None else 0,
-        int(bank_labels.max()) + 1,
-        int(test_labels.max()) + 1,
-    )
+    top = torch.stack([bank_labels.max() if len(bank_labels) else test_labels.new_zeros(()),
+                       test_labels.max()])
+    if world > 1:
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    num_classes = max(len(classes) if classes is not None else 0, int(top.max()) + 1)
     bank_t = bank.t().contiguous()
     correct = 0
     for lo in range(0, test.shape[0], batch_size):
-        pred = knn_predict(test[lo : lo + batch_size], bank_t, bank_labels, num_classes, k, t)
+        rows = test[lo : lo + batch_size]
+        if world == 1:
+            pred = knn_predict(rows, bank_t, bank_labels, num_classes, k, t)
+        else:
+            pred = _vote(*_nearest_over_ranks(rows, bank_t, bank_labels, k), num_classes, t)
         correct += int((pred[:, 0] == test_labels[lo : lo + batch_size]).sum())
     return correct / test.shape[0]

@@ -255,11 +255,10 @@ def _train(s, args, train_set, val_set, device, out_dir, ckpt):
         save()
     log.done()
     train_seconds = time.time() - t0
-    # The other ranks are done: they do not wait in a collective (NCCL would time out
-    # during a long evaluation) while rank 0 evaluates.
-    if s["knn"] and rank == 0:
+    if s["knn"]:  # every rank: each embeds its shard of the training set
         if val_set is None:
-            print("kNN evaluation skipped: pass --val-data (a labelled ImageFolder)")
+            if rank == 0:
+                print("kNN evaluation skipped: pass --val-data (a labelled ImageFolder)")
         else:
             _knn(s, method, train_set, val_set, device, log, train_seconds)
     return 0
@@ -291,6 +290,8 @@ def _knn(s, method, train_set, val_set, device, log, train_seconds):
     base_acc = knn_accuracy(baseline, train_set, val_set, device, s["image_size"], **kw)
     log.event("knn", knn_accuracy=acc, random_init_knn_accuracy=base_acc, k=s["knn_k"],
               t=s["knn_t"], train_seconds=train_seconds)
+    if distributed.rank() != 0:
+        return
     print(f"kNN accuracy (k={s['knn_k']}, cosine, t={s['knn_t']}): {100 * acc:.1f} %   "
           f"same backbone at random init: {100 * base_acc:.1f} %   "
           f"(training {train_seconds:.0f} s)")
