@@ -45,6 +45,7 @@ def _ieee(dtype):
     dots), or on TF32 tensor cores where torch's fp32 matmuls would be too."""
     return dtype == torch.float32 and not _tf32_allowed()
 
+
 if _INTERPRET:
     # The interpreter's dot multiplies bfloat16 tiles as their raw uint16 bits (Triton 3.8);
     # upcast first. bf16/fp16 products are exact in fp32, as on tensor cores. fp32 tiles
