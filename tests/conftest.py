@@ -52,6 +52,8 @@ def _seed(request):
 def tf32():
     """torch's fp32 matmul precision set to TF32 for the test (the kernels follow it)."""
     matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9: no torch.backends.cuda.matmul.fp32_precision")
     prev = matmul.fp32_precision
     matmul.fp32_precision = "tf32"
     yield

@@ -215,6 +215,15 @@ def test_cases_option_runs_only_the_matching_cases(monkeypatch, capsys, tmp_path
         main(["--quick", "--ops", "contrastive", "--cases", "no-such-case", "--device", "cpu",
               "--no-write"])
     assert "no case of ['contrastive'] matches" in capsys.readouterr().err
+    from sslfast.bench.__main__ import _keep_cases
+
+    class Op:
+        @staticmethod
+        def cases():
+            return [("ntxent", 8192, torch.bfloat16), ("ntxent", 819, torch.float16)]
+
+    _keep_cases(Op, ["float16"])
+    assert Op.cases() == [("ntxent", 819, torch.float16)]  # words, not substrings
 
 
 def test_report_merges_the_parts_of_one_commits_sweep():
@@ -229,3 +238,5 @@ def test_report_merges_the_parts_of_one_commits_sweep():
     runs = report.latest_runs([older, part1, part2, again])[("contrastive", "GPU")]
     assert runs == [part2, again]
     assert report._dates(runs) == "2026-01-03, 2026-01-04"
+    dirty = [{**r, "commit": "abc-dirty"} for r in (part1, part2)]  # other code may have run
+    assert report.latest_runs(dirty)[("contrastive", "GPU")] == [dirty[1]]

@@ -141,15 +141,22 @@ def test_parity_tf32(case, tf32):
     # TF32's tolerance, and not the IEEE result (the flag is followed, not ignored).
     R, C, D, off, extra, scale = case
     torch.manual_seed(1)
-    lse, *_ = check(R, C, D, torch.float32, DEVICE, off, extra, scale)
+    lse, dq, dk, _ = check(R, C, D, torch.float32, DEVICE, off, extra, scale)
     torch.manual_seed(1)  # the same inputs again (check draws them first)
-    q, k, ex, _ = make_inputs(R, C, D, torch.float32, DEVICE, 1.0, extra)
+    q, k, ex, g = make_inputs(R, C, D, torch.float32, DEVICE, 1.0, extra)
     torch.backends.cuda.matmul.fp32_precision = "ieee"
-    ieee = dot_lse_forward(q, k, torch.tensor(float(scale), device=DEVICE), off, ex)
+    scale_t = torch.tensor(float(scale), device=DEVICE)
+    ieee = dot_lse_forward(q, k, scale_t, off, ex)
     assert not torch.equal(lse, ieee)
+    # the backward's dots too: from the TF32 lse, only the precision differs
+    dq_ieee, dk_ieee, _ = dot_lse_backward(q, k, scale_t, lse, g, off)
+    assert not torch.equal(dq, dq_ieee) and not torch.equal(dk, dk_ieee)
+    for a, b in ((dq, dq_ieee), (dk, dk_ieee)):  # the same inputs: close (the TF32 lse
+        # against IEEE logits leaves p off by up to |scale| 2^-9 of its size)
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())
 
 
-def test_tf32_follows_torch():
+def test_tf32_follows_torch(tf32):
     # Every way torch sets its fp32 matmul precision reaches the kernels' flag.
     matmul = torch.backends.cuda.matmul
     prev = matmul.fp32_precision

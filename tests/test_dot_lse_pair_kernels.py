@@ -137,10 +137,18 @@ def test_parity_tf32(case, tf32):
     torch.manual_seed(1)  # the same inputs again (check draws them first)
     x = features(R, D, torch.float32)
     y = None if symmetric else features(C, D, torch.float32)
+    g = torch.rand(R) + 0.5
+    h = None if symmetric else torch.rand(C) + 0.5
     torch.backends.cuda.matmul.fp32_precision = "ieee"
     ieee = dot_lse_pair_forward(x, y, torch.tensor(scale), exclude_diagonal=symmetric,
                                 config=SMALL_CONFIG, splits=2)
     assert not torch.equal(got[0], ieee[0])
+    # the backward's dots too: from the TF32 lse, only the precision differs
+    dx, _, _ = dot_lse_pair_backward(x, y, torch.tensor(scale), got[0],
+                                     None if symmetric else got[1], g, h,
+                                     exclude_diagonal=symmetric, config=SMALL_CONFIG, splits=2)
+    assert not torch.equal(dx, got[2])
+    torch.testing.assert_close(dx, got[2], rtol=0, atol=0.05 * got[2].abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

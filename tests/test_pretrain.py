@@ -13,6 +13,7 @@ import torch
 from sslfast.pretrain.cli import main
 from sslfast.pretrain.optim import LARS, warmup_cosine
 from sslfast.pretrain.sampler import ResumableSampler
+from tests.utils import spawn_gloo
 
 TINY = ["--backbone", "tiny", "--max-images", "64", "--max-val-images", "40",
         "--batch-size", "16", "--epochs", "2", "--num-workers", "0", "--log-every", "1"]
@@ -307,9 +308,29 @@ def test_a_rank_failing_alone_under_nccl_exits_without_destroying(tmp_path, monk
 def test_checkpoint_restores_the_rank_devices_cuda_generator():
     from sslfast.pretrain import checkpoint
 
-    generator = torch.Generator(device="cuda").manual_seed(3)
+    generator = torch.Generator(device="cuda:0").manual_seed(3)
     state = checkpoint.rng_state(generator)
     first = (torch.rand(4, device="cuda"), torch.rand(4, device="cuda", generator=generator))
     checkpoint.set_rng_state(state, generator)
     again = (torch.rand(4, device="cuda"), torch.rand(4, device="cuda", generator=generator))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+    state["cuda"] = [state["cuda"]]  # an older checkpoint: every visible device's state
+    checkpoint.set_rng_state(state, generator)
+    assert torch.equal(torch.rand(4, device="cuda"), first[0])
+
+
+def _bn_after_rank0_buffers(rank, world):
+    from sslfast.pretrain.train import rank0_buffers
+
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(rank)  # each rank's own batches moved its statistics
+    bn.num_batches_tracked.fill_(10 + rank)
+    rank0_buffers(bn)
+    return bn.running_mean, bn.num_batches_tracked
+
+
+def test_knn_evaluates_rank0s_network_on_every_rank(tmp_path):
+    # DDP keeps parameters equal but not BatchNorm's running statistics
+    # (broadcast_buffers=False, no SyncBN on CPU): rank 0's are used everywhere.
+    for mean, tracked in spawn_gloo(_bn_after_rank0_buffers, 2, tmp_path):
+        assert torch.equal(mean, torch.zeros(3)) and int(tracked) == 10

@@ -293,7 +293,8 @@ def _knn_accuracies(rank=0, world=1):
 
     knn.extract_features = recording
     try:
-        accs = [knn_accuracy(nn.Flatten(), train, test, "cpu", 16, k=k, t=t, batch_size=16)
+        accs = [knn_accuracy(nn.Flatten(), train, test, "cpu", 16, k=k, t=t, batch_size=16,
+                             distributed=True)
                 for k, t in ((1, 0.1), (5, 0.07), (60, 0.5), (500, 0.1))]
     finally:
         knn.extract_features = extract

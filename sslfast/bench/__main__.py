@@ -12,13 +12,15 @@ pass), on the GPU when there is one (else with CPU-sized cases), with the
 device's ceilings measured once at the start, a progress bar on stderr, a table
 per case, and JSON lines appended to the results folder. ``--cases`` keeps the
 cases whose description (the op's case tuple as text, e.g. ``('ntxent', 8192,
-128, 0, torch.bfloat16)``) holds every comma-separated text: a sweep too long for
-one call can be split, e.g. ``--cases bfloat16`` then ``--cases float32``; the
-report merges the parts of one commit.
+128, 0, torch.bfloat16)``) holds every comma-separated word (``bfloat16``,
+``ntxent``, ``8192``): a sweep too long for one call can be split, e.g.
+``--cases bfloat16`` then ``--cases float32``; the report merges the parts of one
+clean commit.
 """
 
 import argparse
 import importlib
+import re
 import sys
 
 import torch
@@ -34,7 +36,7 @@ def _parser():
     p.add_argument("--quick", action="store_true", help="small cases, short timing")
     p.add_argument("--ops", default=None, help="comma-separated; default all: " + ",".join(OPS))
     p.add_argument("--cases", default=None,
-                   help="comma-separated texts a case's description must all hold")
+                   help="comma-separated words a case's description must all hold")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true", help="do not append to the results")
     p.add_argument("--results", default=None,
@@ -78,12 +80,18 @@ def main(argv=None):
 
 
 def _keep_cases(module, texts):
-    """module.cases, from now on, keeps only the cases whose text holds every text
-    (each op's run() reads its cases through that name)."""
+    """module.cases, from now on, keeps only the cases that hold every text as a
+    word of their text (a dotted word also by its last part: "float16" is
+    torch.float16, not torch.bfloat16). Each op's run() reads its cases through
+    that name."""
     every = module.cases
 
+    def words(case):
+        out = set(re.findall(r"[\w.]+", str(case)))
+        return out | {w.rsplit(".", 1)[-1] for w in out}
+
     def cases(*args, **kwargs):
-        return [c for c in every(*args, **kwargs) if all(t in str(c) for t in texts)]
+        return [c for c in every(*args, **kwargs) if set(texts) <= words(c)]
 
     module.cases = cases
 

@@ -104,7 +104,8 @@ def providers(case, device):
     steps = harness.backward_steps(out, [a, b])
     if device.type == "cuda" and kind != "moco":
         steps["sslfast_deterministic"] = _deterministic(steps["sslfast"])
-    if device.type == "cuda" and dtype == torch.float32:
+    if device.type == "cuda" and dtype == torch.float32 and hasattr(torch.backends.cuda.matmul,
+                                                                     "fp32_precision"):
         steps["sslfast_tf32"] = _tf32(steps["sslfast"])
     return steps
 

@@ -41,7 +41,8 @@ def latest_runs(records):
     """{(op, device): records of the newest run}. A run's records share the
     date stamped when it started. Runs of the newest run's commit are merged
     (a sweep split over several calls, e.g. by --cases), the newest record of
-    each (case, dtype, provider) kept."""
+    each (case, dtype, provider) kept; only for a clean commit (not None, not
+    "-dirty": other code may have run under those)."""
     by_key = {}
     for r in records:
         by_key.setdefault((r["op"], r["device"]), []).append(r)
@@ -49,7 +50,11 @@ def latest_runs(records):
     for key, rs in by_key.items():
         full = [r for r in rs if not r.get("quick")] or rs
         newest = max(full, key=lambda r: r["date"])
-        same = [r for r in full if r.get("commit") == newest.get("commit")]
+        commit = newest.get("commit")
+        if commit and not commit.endswith("-dirty"):
+            same = [r for r in full if r.get("commit") == commit]
+        else:
+            same = [r for r in full if r["date"] == newest["date"]]
         pick = {}
         for r in same:
             k = (r.get("model"), r.get("shape"), r.get("dtype"), r["provider"])

@@ -30,9 +30,12 @@ def rng_state(generator):
 
 def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
-    device = generator.device
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    device, cuda = generator.device, state["cuda"]
+    if isinstance(cuda, (list, tuple)):  # before 2026-11-23: every visible device's
+        cuda = cuda[device.index] if device.index is not None and device.index < len(cuda) \
+            else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     generator.set_state(state["augment"])

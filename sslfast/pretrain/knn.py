@@ -2,10 +2,12 @@
 
 The usual monitor of self-supervised training: features of the training set form
 the bank, each test image votes over its ``k`` most cosine-similar bank entries
-with weights ``exp(sim / t)``. Under torch.distributed every rank takes part
-(``knn_accuracy``): each embeds a shard of the training set and the whole test set,
-finds each test image's ``k`` nearest among its shard, and the ranks' candidates are
-gathered and merged (the top ``k`` of the shards' top ``k`` are the top ``k``).
+with weights ``exp(sim / t)``. With ``knn_accuracy(..., distributed=True)`` under
+torch.distributed every rank takes part: each embeds a shard of the training set
+and the whole test set, finds each test image's ``k`` nearest among its shard, and
+the ranks' candidates are gathered and merged (the top ``k`` of the shards' top
+``k`` are the top ``k``; only similarities tied across the ``k``-th place could pick
+another neighbour than one process would).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslfast import distributed
+from sslfast import distributed as dist_helpers
 from sslfast.augment.config import IMAGENET_MEAN, IMAGENET_STD
 from sslfast.pretrain.data import decode_images, make_loader, stack_if_same_size
 
@@ -89,8 +91,8 @@ def _nearest_over_ranks(feature, bank_t, bank_labels, knn_k):
     pad = k - sim.shape[1]
     sim = F.pad(sim.float(), (0, pad), value=float("-inf"))
     labels = F.pad(labels, (0, pad), value=0)
-    sim_all = distributed.gather_no_grad(sim[None])  # (W, B, k)
-    labels_all = distributed.gather_no_grad(labels[None])
+    sim_all = dist_helpers.gather_no_grad(sim[None])  # (W, B, k)
+    labels_all = dist_helpers.gather_no_grad(labels[None])
     sim_all = sim_all.permute(1, 0, 2).reshape(feature.shape[0], -1)
     labels_all = labels_all.permute(1, 0, 2).reshape(feature.shape[0], -1)
     best, idx = sim_all.topk(k, dim=1)
@@ -177,15 +179,17 @@ def knn_accuracy(
     k: int = 200,
     t: float = 0.1,
     batch_size: int = 256,
+    distributed: bool = False,
     **feature_kw,
 ) -> float:
     """Top-1 accuracy in [0, 1] of weighted kNN on ``test_set`` with ``train_set`` as bank.
     ``feature_kw``: the rest of ``extract_features``'s options (mean, std, channels_last,
     autocast_dtype, num_workers).
 
-    Under torch.distributed it is collective and every rank returns the accuracy:
-    rank r embeds the training images r, r + W, ... (no padding, no duplicates) and
-    the whole test set; the nearest neighbours are merged over the ranks."""
+    ``distributed=True`` under torch.distributed: collective, every rank returns the
+    accuracy. Rank r embeds the training images r, r + W, ... (no padding, no
+    duplicates) and the whole test set; the nearest neighbours are merged over the
+    ranks. Every rank must hold the same network (BatchNorm buffers included)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if t <= 0:
@@ -193,7 +197,7 @@ def knn_accuracy(
     if len(train_set) == 0:
         raise ValueError("train_set is empty")
     kw = dict(batch_size=batch_size, **feature_kw)
-    rank, world = distributed.rank(), distributed.world_size()
+    rank, world = (dist_helpers.rank(), dist_helpers.world_size()) if distributed else (0, 1)
     shard = train_set if world == 1 else torch.utils.data.Subset(
         train_set, range(rank, len(train_set), world))
     if len(shard):

@@ -280,10 +280,20 @@ def train_step(method, model, optimizer, encoded, device, generator, autocast):
     return loss
 
 
+def rank0_buffers(module):
+    """The module's buffers (BatchNorm's running statistics) made rank 0's on every
+    rank: DDP keeps the parameters equal, but with broadcast_buffers=False and no
+    SyncBN each rank's running statistics follow its own batches. Collective."""
+    if distributed.world_size() > 1:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def _knn(s, method, train_set, val_set, device, log, train_seconds):
     kw = dict(k=s["knn_k"], t=s["knn_t"], channels_last=s["channels_last"],
               autocast_dtype=torch.bfloat16 if s["bf16"] else None,
-              num_workers=s["num_workers"])
+              num_workers=s["num_workers"], distributed=True)
+    rank0_buffers(method.backbone)  # one network: rank 0's, the one the checkpoint holds
     acc = knn_accuracy(method.backbone, train_set, val_set, device, s["image_size"], **kw)
     torch.manual_seed(s["seed"])  # the very weights training started from
     baseline = build_backbone(s["backbone"]).to(device)
