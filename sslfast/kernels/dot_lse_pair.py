@@ -45,6 +45,7 @@ import triton.language as tl
 from sslfast.kernels.dot_lse import (
     _INTERPRET,
     _LOG2E,
+    _SIZE_KEY,
     _check_config,
     _check_qk,
     _check_splits,
@@ -354,12 +355,12 @@ _BWD_CONFIGS = [
 _single_d = triton.heuristics({"SINGLE_D": lambda a: a["D"] <= a["BLOCK_D"]})
 # Outputs are atomically accumulated: the autotuner zeroes them before each trial.
 # The problem size is in the key (R, C; the splits follow from them and the config).
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["R", "C", "D", "IEEE", "SYMMETRIC", "EXCLUDE_DIAG"],
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_SIZE_KEY + ["SYMMETRIC", "EXCLUDE_DIAG"],
                              reset_to_zero=["sum_x_ptr", "sum_y_ptr"],
                              prune_configs_by={"early_config_prune": _prune_by_d})(
     _single_d(_dot_lse_pair_fwd_kernel))
 _bwd_tuned = triton.autotune(_BWD_CONFIGS,
-                             key=["R", "C", "D", "IEEE", "SYMMETRIC", "EXCLUDE_DIAG", "NEED_DY"],
+                             key=_SIZE_KEY + ["SYMMETRIC", "EXCLUDE_DIAG", "NEED_DY"],
                              reset_to_zero=["dx_ptr", "dy_ptr", "dscale_ptr"],
                              prune_configs_by={"early_config_prune": _prune_by_d})(
     _single_d(_dot_lse_pair_bwd_kernel))

@@ -55,12 +55,16 @@ def knn_predict(
         )
     if feature_bank.shape[1] == 0:
         raise ValueError("feature_bank is empty")
-    if knn_k < 1:
-        raise ValueError(f"knn_k must be >= 1, got {knn_k}")
-    if knn_t <= 0:
-        raise ValueError(f"knn_t must be > 0, got {knn_t}")
+    _check_vote(knn_k, knn_t, "knn_k", "knn_t")
     sim_weight, sim_labels = _nearest(feature, feature_bank, feature_labels, knn_k)
     return _vote(sim_weight, sim_labels, num_classes, knn_t)
+
+
+def _check_vote(k, t, k_name, t_name):
+    if k < 1:
+        raise ValueError(f"{k_name} must be >= 1, got {k}")
+    if t <= 0:
+        raise ValueError(f"{t_name} must be > 0, got {t}")
 
 
 def _nearest(feature, feature_bank, feature_labels, knn_k):
@@ -81,13 +85,12 @@ def _vote(sim_weight, sim_labels, num_classes, knn_t):
 
 
 def _nearest_over_ranks(feature, bank_t, bank_labels, knn_k):
-    """_nearest over the union of every rank's bank shard: each rank's k nearest
-    (padded to k with -inf similarities, which vote 0 and sort last), gathered,
-    and the k best of those. Collective: every rank calls it with the same rows."""
+    """_nearest over the union of every rank's bank shard (one process: its bank):
+    each rank's k nearest (padded to k with -inf similarities, which vote 0 and sort
+    last), gathered, and the k best of those. Collective under torch.distributed:
+    every rank calls it with the same rows."""
     k = int(knn_k)
-    sim, labels = (_nearest(feature, bank_t, bank_labels, k) if bank_t.shape[1] else
-                   (feature.new_empty(feature.shape[0], 0),
-                    bank_labels.new_empty(feature.shape[0], 0)))
+    sim, labels = _nearest(feature, bank_t, bank_labels, k)
     pad = k - sim.shape[1]
     sim = F.pad(sim.float(), (0, pad), value=float("-inf"))
     labels = F.pad(labels, (0, pad), value=0)
@@ -190,22 +193,17 @@ def knn_accuracy(
     accuracy. Rank r embeds the training images r, r + W, ... (no padding, no
     duplicates) and the whole test set; the nearest neighbours are merged over the
     ranks. Every rank must hold the same network (BatchNorm buffers included)."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if t <= 0:
-        raise ValueError(f"t must be > 0, got {t}")
+    _check_vote(k, t, "k", "t")
     if len(train_set) == 0:
         raise ValueError("train_set is empty")
     kw = dict(batch_size=batch_size, **feature_kw)
     rank, world = (dist_helpers.rank(), dist_helpers.world_size()) if distributed else (0, 1)
     shard = train_set if world == 1 else torch.utils.data.Subset(
         train_set, range(rank, len(train_set), world))
-    if len(shard):
-        bank, bank_labels = extract_features(backbone, shard, device, image_size, **kw)
-    else:  # fewer training images than ranks
-        bank = torch.empty(0, 0, device=device)
-        bank_labels = torch.empty(0, dtype=torch.int64, device=device)
+    bank = extract_features(backbone, shard, device, image_size, **kw) if len(shard) else None
     test, test_labels = extract_features(backbone, test_set, device, image_size, **kw)
+    # fewer training images than ranks: an empty bank of the features' D
+    bank, bank_labels = bank or (test.new_empty(0, test.shape[1]), test_labels.new_empty(0))
     classes = getattr(train_set, "classes", None)
     top = torch.stack([bank_labels.max() if len(bank_labels) else test_labels.new_zeros(()),
                        test_labels.max()])
@@ -215,10 +213,7 @@ def knn_accuracy(
     bank_t = bank.t().contiguous()
     correct = 0
     for lo in range(0, test.shape[0], batch_size):
-        rows = test[lo : lo + batch_size]
-        if world == 1:
-            pred = knn_predict(rows, bank_t, bank_labels, num_classes, k, t)
-        else:
-            pred = _vote(*_nearest_over_ranks(rows, bank_t, bank_labels, k), num_classes, t)
+        pred = _vote(*_nearest_over_ranks(test[lo : lo + batch_size], bank_t, bank_labels, k),
+                     num_classes, t)
         correct += int((pred[:, 0] == test_labels[lo : lo + batch_size]).sum())
     return correct / test.shape[0]
