@@ -21,25 +21,33 @@ def world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
+def _all_gather(x):
+    """The ranks' x concatenated along dim 0, gathered straight into one tensor."""
+    x = x.contiguous()
+    out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+    # all_gather_single (torch >= 2.14) is all_gather_into_tensor renamed.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x)
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather forward; backward gives each rank the sum over ranks of the
-    gradient for its own rows (all_reduce, then its slice). A bf16/fp16 gradient
-    is summed in fp32 and rounded once (in its own dtype each rank's addend would
-    round again)."""
+    gradient for its own rows (a reduce-scatter: half an all-reduce's traffic).
+    A bf16/fp16 gradient is summed in fp32 and rounded once (in its own dtype each
+    rank's addend would round again)."""
 
     @staticmethod
     def forward(ctx, x):
-        ctx.rank, ctx.n = rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+        return _all_gather(x)
 
     @staticmethod
     def backward(ctx, grad):
         acc = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
-        total = grad.to(acc, memory_format=torch.contiguous_format, copy=True)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n].to(grad.dtype)
+        total = grad.to(acc, memory_format=torch.contiguous_format)  # read, never written
+        mine = total.new_empty((total.shape[0] // world_size(), *total.shape[1:]))
+        # reduce_scatter_single (torch >= 2.14) is reduce_scatter_tensor renamed.
+        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(mine, total)
+        return mine.to(grad.dtype)
 
 
 def gather(x):
@@ -57,9 +65,7 @@ def gather_no_grad(x):
     """Rows of x from every rank, concatenated in rank order, without gradient."""
     if world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    return _all_gather(x)
 
 
 def _check_batch(batch, name):

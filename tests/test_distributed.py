@@ -40,6 +40,15 @@ def _worker(rank, world):
     x = torch.ones(N, D, dtype=torch.bfloat16, requires_grad=True)
     (distributed.gather(x) * BF16_ADDENDS[rank]).sum().backward()
     results["bf16_grad"] = x.grad
+    # The gradient autograd hands the backward is read, never written; any layout.
+    x = torch.randn(N, D, dtype=torch.float64).t().requires_grad_()  # non-contiguous
+    grad = torch.arange(world * D * N, dtype=torch.float64).view(world * D, N)
+    kept = grad.clone()
+    distributed.gather(x).backward(grad)
+    results["grad_kept"] = torch.equal(grad, kept)
+    results["grad_rows"] = x.grad
+    images = torch.full((2, 3, 4, 5), float(rank)).contiguous(memory_format=torch.channels_last)
+    results["images"] = distributed.gather_no_grad(images)
     return results
 
 
@@ -69,6 +78,13 @@ def test_gather_distributed_equals_one_process(world, tmp_path):
         assert res["bf16_grad"].dtype == torch.bfloat16
         assert torch.equal(res["bf16_grad"], torch.full((N, D), bf16_sum.item(),
                                                         dtype=torch.bfloat16))
+    grad = torch.arange(world * D * N, dtype=torch.float64).view(world * D, N)
+    for r, res in enumerate(per_rank):
+        assert res["grad_kept"]
+        torch.testing.assert_close(res["grad_rows"], world * grad[r * D:(r + 1) * D],
+                                   rtol=0, atol=0)
+        assert torch.equal(res["images"], torch.arange(world, dtype=torch.float32)
+                           .repeat_interleave(2).view(-1, 1, 1, 1).expand(-1, 3, 4, 5))
 
 
 def test_single_process_helpers_are_identity():
