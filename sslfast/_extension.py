@@ -36,13 +36,13 @@ def has_cuda_kernels():
     return ext is not None and bool(getattr(ext, "with_cuda", False))
 
 
-def warn_fallback(op, device_type, reason=None):
+def warn_fallback(op, device_type):
     """Warn once per (op, device type) that the PyTorch fallback is used."""
     key = (op, device_type)
     if key in _state["warned"]:
         return
     _state["warned"].add(key)
-    why = reason or _state["error"] or "the extension was built without CUDA kernels"
+    why = _state["error"] or "the extension was built without CUDA kernels"
     warnings.warn(
         f"sslfast: compiled {device_type} kernels unavailable ({why}); "
         f"{op} uses the PyTorch fallback.",

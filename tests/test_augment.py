@@ -79,6 +79,18 @@ def test_whole_pipeline_random_sizes_and_parameters(seed, device):
 
 
 @needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
+def test_blur_kernels_beyond_the_haloed_tile(device):
+    """Blur kernels above 45 taps (CUDA: two passes over global memory, not the
+    haloed tile), in a batch of blurred and unblurred, solarized, contrast-adjusted
+    samples, in every output layout."""
+    cfg = simclr_config(output_size=48).replace(blur_kernel_size=61, blur_p=0.5, solarize_p=0.5,
+                                                jitter_p=1.0)
+    _check(cfg, 10, seed=5, device=device)
+    _check(cfg.replace(blur_kernel_size=95, channels_last=True), 6, seed=6, device=device)
+
+
+@needs_kernels
 def test_float_inputs_batch_tensor_and_output_layouts():
     cfg = simclr_config(output_size=24, dtype=torch.bfloat16, channels_last=True)
     imgs, sizes = _batch(6, 5, lo=30, hi=31, dtype=torch.float32)  # one size: a batch tensor

@@ -9,6 +9,12 @@
 //      blur the block evaluates the tile and its halo (reflect-mapped) into shared
 //      memory, blurs rows into a second shared buffer, then columns, and writes:
 //      one write per output element.
+//   3. Blur kernels larger than kMaxTaps (their haloed tile would not fit shared
+//      memory): _augment_fwd_kernel writes the blurred samples' chain to a float
+//      buffer, _augment_taps_kernel makes each sample's taps, and
+//      _augment_blur_pass_kernel blurs rows into a second buffer, then columns
+//      (solarize, normalize, one write per output element), reading neighbours
+//      from global memory.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -28,14 +34,25 @@ namespace {
 
 constexpr int kTile = 32;     // output tile edge
 constexpr int kThreads = 256;
-// Blur kernel sizes up to this run on CUDA: the haloed tile then fits the shared
-// memory of every sm_80+ GPU (99 KB on sm_86/sm_89).
+// Blur kernel sizes up to this take the haloed tile in shared memory, which then
+// fits that of every sm_80+ GPU (99 KB on sm_86/sm_89); larger ones two passes
+// over global memory.
 constexpr int kMaxTaps = 45;
 
 struct ImageRef {
   const void* data;
   int64_t height, width, stride_c, stride_h, stride_w;
   int32_t is_uint8;
+};
+
+struct Normalize {
+  float mean[3], stdv[3];
+};
+
+template <typename O>
+struct Output {
+  O* data;  // the (B, 3, S, S) output; element (b, c, y, x) at b*sb + c*sc + y*sh + x*sw
+  int64_t sb, sc, sh, sw;
 };
 
 struct Sample {
@@ -146,41 +163,57 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename O>
-__device__ __forceinline__ void store(O* out, int64_t sc, int64_t sh, int64_t sw, int64_t y,
-                                      int64_t x, const float* rgb, bool solar, const float* mean,
-                                      const float* stdv) {
+__device__ __forceinline__ void store(const Output<O>& out, int64_t b, int64_t y, int64_t x,
+                                      const float* rgb, bool solar, const Normalize& norm) {
+  O* o = out.data + b * out.sb + y * out.sh + x * out.sw;
   for (int c = 0; c < 3; ++c) {
     const float p = solar ? solarize(rgb[c]) : rgb[c];
-    out[c * sc + y * sh + x * sw] = static_cast<O>((p - mean[c]) / stdv[c]);
+    o[c * out.sc] = static_cast<O>((p - norm.mean[c]) / norm.stdv[c]);
   }
 }
 
+// Normalized Gaussian taps, summed and divided in one fixed order (both blur paths
+// make the same bits).
+__device__ __forceinline__ void make_taps(float* taps, int64_t kernel_size, float sigma) {
+  float total = 0.f;
+  for (int64_t k = 0; k < kernel_size; ++k) total += (taps[k] = gaussian_tap(k, kernel_size, sigma));
+  for (int64_t k = 0; k < kernel_size; ++k) taps[k] /= total;
+}
+
+// The gray mean at contrast's turn, from the pre-pass's partials summed in a fixed order.
+__device__ __forceinline__ float contrast_mean(const Sample& s, int64_t b, int64_t n_tiles,
+                                               const float* partial) {
+  if (!needs_mean(s, b)) return 0.f;
+  double total = 0.0;
+  for (int64_t t = 0; t < n_tiles; ++t) total += partial[b * n_tiles + t];
+  return static_cast<float>(total / static_cast<double>(s.size * s.size));
+}
+
+// pre: null, or (blur kernels above kMaxTaps) the (B, 3, S, S) buffer that takes
+// the blurred samples' unblurred chain for _augment_blur_pass_kernel.
 template <typename O>
 __global__ void __launch_bounds__(kThreads)
     _augment_fwd_kernel(Sample s, int64_t tiles_x, int64_t n_tiles, const float* partial,
-                        int64_t kernel_size, float m0, float m1, float m2, float s0, float s1,
-                        float s2, O* out, int64_t sb, int64_t sc, int64_t sh, int64_t sw) {
+                        int64_t kernel_size, Normalize norm, Output<O> out, float* pre) {
   extern __shared__ float smem[];
   const int64_t b = blockIdx.x / n_tiles, tile = blockIdx.x % n_tiles;
   const int64_t S = s.size;
   const int64_t y0 = (tile / tiles_x) * kTile, x0 = (tile % tiles_x) * kTile;
-  const float nmean[3] = {m0, m1, m2}, nstd[3] = {s0, s1, s2};
-  out += b * sb;
   const bool solar = s.flags[4 * b + 3];
-  float mean = 0.f;
-  if (needs_mean(s, b)) {  // the partials of every tile, summed in a fixed order
-    double total = 0.0;
-    for (int64_t t = 0; t < n_tiles; ++t) total += partial[b * n_tiles + t];
-    mean = static_cast<float>(total / static_cast<double>(S * S));
-  }
+  const float mean = contrast_mean(s, b, n_tiles, partial);
   const float sigma = s.factors[5 * b + 4];
-  if (!(sigma > 0.f)) {
+  const bool blurred = sigma > 0.f;
+  if (!blurred || pre != nullptr) {
     for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
       const int64_t y = y0 + i / kTile, x = x0 + i % kTile;
       if (y >= S || x >= S) continue;
       float rgb[3];
       chain_pixel(s, b, y, x, mean, false, rgb);
-      store(out, sc, sh, sw, y, x, rgb, solar, nmean, nstd);
+      if (!blurred) {
+        store(out, b, y, x, rgb, solar, norm);
+      } else {
+        for (int c = 0; c < 3; ++c) pre[((b * 3 + c) * S + y) * S + x] = rgb[c];
+      }
     }
     return;
   }
@@ -190,11 +223,7 @@ __global__ void __launch_bounds__(kThreads)
   float* halo = smem;                  // (3, E, E)
   float* rows = smem + 3 * E * E;      // (3, E, kTile): rows blurred
   float* taps = rows + 3 * E * kTile;  // (kernel_size)
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-    for (int64_t k = 0; k < kernel_size; ++k) total += (taps[k] = gaussian_tap(k, kernel_size, sigma));
-    for (int64_t k = 0; k < kernel_size; ++k) taps[k] /= total;
-  }
+  if (threadIdx.x == 0) make_taps(taps, kernel_size, sigma);
   for (int64_t i = threadIdx.x; i < E * E; i += blockDim.x) {
     const int64_t hy = i / E, hx = i % E;
     const int64_t y = reflect(y0 + hy - pad, S), x = reflect(x0 + hx - pad, S);
@@ -224,7 +253,49 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t k = 0; k < kernel_size; ++k) acc += taps[k] * rows[(c * E + ty + k) * kTile + tx];
       rgb[c] = acc;
     }
-    store(out, sc, sh, sw, y, x, rgb, solar, nmean, nstd);
+    store(out, b, y, x, rgb, solar, norm);
+  }
+}
+
+__global__ void _augment_taps_kernel(const float* factors, int64_t batch, int64_t kernel_size,
+                                     float* taps) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b < batch && factors[5 * b + 4] > 0.f)
+    make_taps(taps + b * kernel_size, kernel_size, factors[5 * b + 4]);
+}
+
+// One direction of the blur for the blurred samples, one block per (output tile,
+// sample), reflect padding as the haloed path: rows (kFinal false) from `src` into
+// `mid`; then columns (kFinal true) from `src` (the rows pass's output), solarized,
+// normalized and written to the output. Taps accumulate in the CPU's order.
+template <typename O, bool kFinal>
+__global__ void __launch_bounds__(kThreads)
+    _augment_blur_pass_kernel(Sample s, int64_t tiles_x, int64_t n_tiles, int64_t kernel_size,
+                              const float* taps, const float* src, float* mid, Normalize norm,
+                              Output<O> out) {
+  const int64_t b = blockIdx.x / n_tiles, tile = blockIdx.x % n_tiles;
+  if (!(s.factors[5 * b + 4] > 0.f)) return;
+  const int64_t S = s.size, pad = kernel_size / 2;
+  const int64_t y0 = (tile / tiles_x) * kTile, x0 = (tile % tiles_x) * kTile;
+  const float* t = taps + b * kernel_size;
+  const bool solar = s.flags[4 * b + 3];
+  for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
+    const int64_t y = y0 + i / kTile, x = x0 + i % kTile;
+    if (y >= S || x >= S) continue;
+    float rgb[3];
+    for (int c = 0; c < 3; ++c) {
+      const float* plane = src + (b * 3 + c) * S * S;
+      float acc = 0.f;
+      for (int64_t k = 0; k < kernel_size; ++k)
+        acc += t[k] * (kFinal ? plane[reflect(y + k - pad, S) * S + x]
+                              : plane[y * S + reflect(x + k - pad, S)]);
+      rgb[c] = acc;
+    }
+    if (kFinal) {
+      store(out, b, y, x, rgb, solar, norm);
+    } else {
+      for (int c = 0; c < 3; ++c) mid[((b * 3 + c) * S + y) * S + x] = rgb[c];
+    }
   }
 }
 
@@ -234,8 +305,6 @@ at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at
                         at::ScalarType dtype, bool channels_last) {
   check_args(images, boxes, flags, factors, order, size, kernel_size, mean, stdv, dtype);
   TORCH_CHECK_VALUE(boxes.is_cuda(), "sslfast: augment: boxes must be on the images' device");
-  TORCH_CHECK_VALUE(kernel_size <= kMaxTaps, "sslfast: augment: blur kernel sizes up to ",
-                    kMaxTaps, " are supported on CUDA, got ", kernel_size);
   const int64_t batch = static_cast<int64_t>(images.size());
   const at::cuda::CUDAGuard guard(boxes.device());
   auto opts = at::TensorOptions().dtype(dtype).device(boxes.device());
@@ -265,20 +334,45 @@ at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at
   const dim3 grid(static_cast<unsigned>(n_tiles * batch));  // x: no 65535 limit
   _augment_mean_kernel<<<grid, kThreads, 0, stream>>>(s, tiles_x, n_tiles, partial.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Normalize norm;
+  for (int c = 0; c < 3; ++c) {
+    norm.mean[c] = static_cast<float>(mean[c]);
+    norm.stdv[c] = static_cast<float>(stdv[c]);
+  }
+  // Large blur kernels: two (B, 3, S, S) float buffers (the chain, the rows pass)
+  // and the taps instead of the haloed tile.
+  const bool haloed = kernel_size <= kMaxTaps;
+  const auto fopts = boxes.options().dtype(at::kFloat);
+  const at::Tensor pre = haloed ? at::Tensor() : at::empty({batch, 3, size, size}, fopts);
   const int64_t E = kTile + 2 * (kernel_size / 2);
-  const size_t smem = sizeof(float) * (3 * E * E + 3 * E * kTile + kernel_size);
+  const size_t smem = haloed ? sizeof(float) * (3 * E * E + 3 * E * kTile + kernel_size) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "augment_cuda", [&] {
+    const Output<scalar_t> o{out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
+                             out.stride(2), out.stride(3)};
     auto kernel = _augment_fwd_kernel<scalar_t>;
     if (smem > 48 * 1024)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
-    kernel<<<grid, kThreads, smem, stream>>>(
-        s, tiles_x, n_tiles, partial.data_ptr<float>(), kernel_size,
-        static_cast<float>(mean[0]), static_cast<float>(mean[1]), static_cast<float>(mean[2]),
-        static_cast<float>(stdv[0]), static_cast<float>(stdv[1]), static_cast<float>(stdv[2]),
-        out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2), out.stride(3));
+    kernel<<<grid, kThreads, smem, stream>>>(s, tiles_x, n_tiles, partial.data_ptr<float>(),
+                                             kernel_size, norm, o,
+                                             haloed ? nullptr : pre.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (haloed) return;
+    at::Tensor taps = at::empty({batch, kernel_size}, fopts);
+    at::Tensor mid = at::empty_like(pre);
+    const unsigned taps_blocks = static_cast<unsigned>((batch + kThreads - 1) / kThreads);
+    _augment_taps_kernel<<<taps_blocks, kThreads, 0, stream>>>(fc.data_ptr<float>(), batch,
+                                                               kernel_size, taps.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    _augment_blur_pass_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+        s, tiles_x, n_tiles, kernel_size, taps.data_ptr<float>(), pre.data_ptr<float>(),
+        mid.data_ptr<float>(), norm, o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    _augment_blur_pass_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+        s, tiles_x, n_tiles, kernel_size, taps.data_ptr<float>(), mid.data_ptr<float>(), nullptr,
+        norm, o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -5,7 +5,9 @@ with its own parameters (``sslfast.augment.sample_params``): SEMANTICS.md §6.
 
 Backends: ``cuda`` (``csrc/augment/augment_cuda.cu``: a contrast-mean pre-pass
 where needed, then one block per output tile that evaluates the pixel chain —
-with the blur's halo in shared memory — and writes each output element once),
+with the blur's halo in shared memory — and writes each output element once;
+blur kernels above 45 taps blur in two passes over two (B, 3, S, S) float32
+buffers instead),
 ``cpu`` (``csrc/augment/augment_cpu.cpp``: one task per image, the whole
 pipeline in a cache-resident buffer) and ``reference`` (torchvision's
 functional ops per sample). Without the compiled extension the reference runs
@@ -19,7 +21,6 @@ from sslfast._backend import resolve_backend
 from sslfast.reference.augment import augment_reference
 
 _IMPLEMENTED = ("cpu", "cuda", "reference")
-CUDA_MAX_BLUR_KERNEL = 45  # kMaxTaps in csrc/augment/augment_cuda.cu
 _CONFIG_FIELDS = ("output_size", "kernel_size", "mean", "std", "dtype", "channels_last")
 _PARAM_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "flip", "jitter",
                  "brightness", "contrast", "saturation", "hue", "jitter_order", "grayscale",
@@ -114,17 +115,13 @@ def augment(images, params, config, *, backend="auto"):
     device = imgs[0].device
     name = resolve_backend(backend, device, "augment", _IMPLEMENTED)
     compiled = _extension.has_cuda_kernels() if name == "cuda" else _extension.has_cpu_kernels()
-    reason = None
-    if name == "cuda" and config.kernel_size > CUDA_MAX_BLUR_KERNEL:
-        compiled = False  # the haloed tile would not fit shared memory: the reference runs
-        reason = f"blur kernel size {config.kernel_size} > {CUDA_MAX_BLUR_KERNEL}"
     if name in ("cpu", "cuda") and compiled:
         boxes, flags, factors, order = _pack(params, imgs, device)
         return torch.ops.sslfast.augment(imgs, boxes, flags, factors, order, config.output_size,
                                          config.kernel_size, list(config.mean), list(config.std),
                                          config.dtype, config.channels_last)
     if name != "reference":
-        _extension.warn_fallback("augment", device.type, reason)
+        _extension.warn_fallback("augment", device.type)
     return augment_reference(imgs, params.to(device), config).to(device)
 
 
