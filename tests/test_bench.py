@@ -240,3 +240,41 @@ def test_report_merges_the_parts_of_one_commits_sweep():
     assert report._dates(runs) == "2026-01-03, 2026-01-04"
     dirty = [{**r, "commit": "abc-dirty"} for r in (part1, part2)]  # other code may have run
     assert report.latest_runs(dirty)[("contrastive", "GPU")] == [dirty[1]]
+
+
+def test_report_add_appends_each_line_to_its_ops_file_once(tmp_path):
+    results, run = tmp_path / "results", tmp_path / "run"
+    results.mkdir()
+    run.mkdir()
+    old = {"op": "ema", "commit": "abc", "date": "2026-01-01", "provider": "sslfast"}
+    (results / "ema.jsonl").write_text(json.dumps(old, sort_keys=True) + "\n")
+    ema = {**old, "date": "2026-01-02"}
+    con = {"op": "contrastive", "commit": "abc", "date": "2026-01-02", "provider": "sslfast"}
+    (run / "ema.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (old, ema, ema)))
+    (run / "contrastive.jsonl").write_text(json.dumps(con) + "\n\n")
+    assert report.add([str(run)], str(results)) == {"contrastive": 1, "ema": 1}
+    assert report.add([str(run / "ema.jsonl")], str(results)) == {"ema": 0}  # idempotent
+    assert [json.loads(x) for x in (results / "ema.jsonl").read_text().splitlines()] == [old, ema]
+    assert [json.loads(x) for x in (results / "contrastive.jsonl").read_text().splitlines()] == [con]
+
+
+def test_report_add_refuses_lines_without_a_commit(tmp_path):
+    results, run = tmp_path / "results", tmp_path / "run.jsonl"
+    good = {"op": "ema", "commit": "abc", "date": "2026-01-02"}
+    run.write_text(json.dumps(good) + "\n" + json.dumps({**good, "commit": None}) + "\n")
+    with pytest.raises(ValueError, match=r"run.jsonl:2 names no commit .*nothing added"):
+        report.add([str(run)], str(results))
+    assert not results.exists()
+    with pytest.raises(ValueError, match="results: no such file or folder"):
+        report.add([str(tmp_path / "results")], str(results))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no JSON-lines files"):
+        report.add([str(tmp_path / "empty")], str(results))
+
+
+def test_results_name_the_given_commit_where_git_is_not(monkeypatch):
+    monkeypatch.setattr(harness, "_git", lambda *a: None)
+    monkeypatch.setenv("SSLFAST_COMMIT", "0123abc")
+    assert harness.environment(torch.device("cpu"))["commit"] == "0123abc"
+    monkeypatch.delenv("SSLFAST_COMMIT")
+    assert harness.environment(torch.device("cpu"))["commit"] is None

@@ -6,7 +6,9 @@ Every op's benchmark (``sslfast/bench/<op>.py``) times its providers with
 ``<results>/<op>.jsonl`` through ``write_records``. Results are only ever
 appended; ``sslfast.bench.report`` renders them. The results folder: the
 environment variable ``SSLFAST_RESULTS``, else ``benchmarks/results`` of the
-source checkout sslfast runs from, else ``./benchmarks/results``.
+source checkout sslfast runs from, else ``./benchmarks/results``. Each line names
+the git commit it ran at (``-dirty`` with uncommitted code changes); where there is
+no git (a tree copied without ``.git``), the environment variable ``SSLFAST_COMMIT``.
 """
 
 import contextlib
@@ -65,6 +67,8 @@ def environment(device):
     # Only the code counts: the results a run appends must not mark its later ops dirty.
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "sslfast", "csrc",
                       "setup.py", "pyproject.toml"))
+    if commit is None:  # a tree without .git (a device machine): the caller names its commit
+        commit, dirty = os.environ.get("SSLFAST_COMMIT") or None, False
     return {
         "device": device_name(device),
         "device_type": device.type,

@@ -2,6 +2,11 @@
 with PNG plots, and the results table of the README.
 
     python -m sslfast.bench.report [--results DIR] [--out REPORT.md] [--no-readme] [--print]
+                                   [--add PATH ...]
+
+``--add`` first appends the result lines of other JSON-lines files or folders (a
+GPU run's ``gpu_run.sh OUTDIR/results``) to the results, each line to the file
+of its op, a line already there not again; lines that name no commit are refused.
 
 REPORT.md, grouped by device: for every op the newest full run (a --quick run
 only where no full run exists) as a table of every provider and case, plots of
@@ -35,6 +40,44 @@ def load(results_dir=None):
         with open(path) as f:
             records += [json.loads(line) for line in f if line.strip()]
     return records
+
+
+def add(paths, results_dir=None):
+    """Appends the records of ``paths`` (JSON-lines files, or folders of them) to
+    ``<results>/<op>.jsonl``, skipping lines already there; returns {op: added}.
+    Raises ValueError, before writing anything, for a line without a commit."""
+    results_dir = results_dir or harness.RESULTS
+    files = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise ValueError(f"{p}: no such file or folder")
+        files += sorted(glob.glob(os.path.join(p, "*.jsonl"))) if os.path.isdir(p) else [p]
+    if not files:
+        raise ValueError(f"no JSON-lines files in {', '.join(paths)}")
+    new = {}
+    for path in files:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                if not r.get("commit"):
+                    raise ValueError(f"{path}:{n} names no commit (set SSLFAST_COMMIT where the "
+                                     f"run has no git): nothing added")
+                new.setdefault(r["op"], []).append(json.dumps(r, sort_keys=True))
+    added = {}
+    for op, lines in new.items():
+        path = os.path.join(results_dir, f"{op}.jsonl")
+        have = set()
+        if os.path.exists(path):
+            with open(path) as f:
+                have = {line.rstrip("\n") for line in f}
+        fresh = [line for line in dict.fromkeys(lines) if line not in have]
+        os.makedirs(results_dir, exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(line + "\n" for line in fresh)
+        added[op] = len(fresh)
+    return added
 
 
 def latest_runs(records):
@@ -310,7 +353,12 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="REPORT.md path (default next to the results)")
     p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
     p.add_argument("--print", action="store_true", help="print the README table only")
+    p.add_argument("--add", nargs="+", default=None, metavar="PATH",
+                   help="JSON-lines files or folders whose results to append first")
     a = p.parse_args(argv)
+    if a.add:
+        for op, n in add(a.add, a.results).items():
+            print(f"{op}: {n} results added")
     records = load(a.results)
     text = render(records)
     if a.print:
