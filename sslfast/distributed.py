@@ -21,13 +21,43 @@ def world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
-def _all_gather(x):
-    """The ranks' x concatenated along dim 0, gathered straight into one tensor."""
-    x = x.contiguous()
+_GATHERS = {"calls": 0}  # this process's gathers; every rank makes the same ones
+_SHAPE_DIMS = 6  # leading sizes compared (with the number of dims and of elements)
+
+
+def _check_same_shape(x):
+    """ValueError on every rank, naming the ranks' shapes, unless all ranks pass x
+    of one shape (an all-gather of unequal shapes aborts or returns garbage). One
+    tiny all-gather: on every call for CPU tensors; for GPU tensors, whose check
+    waits for the device, on a process's first gather only. The collectives stay
+    paired: every rank counts the same gathers."""
+    first = _GATHERS["calls"] == 0
+    _GATHERS["calls"] += 1
+    if x.device.type != "cpu" and not first:
+        return
+    lead = list(x.shape[:_SHAPE_DIMS])
+    desc = [x.dim(), x.numel(), *lead, *[-1] * (_SHAPE_DIMS - len(lead))]
+    ranks = _gather_into(torch.tensor(desc, dtype=torch.int64, device=x.device))
+    ranks = ranks.view(world_size(), -1).tolist()
+    if any(d != ranks[0] for d in ranks):
+        text = "; ".join(f"rank {r}: {tuple(d[2 : 2 + min(d[0], _SHAPE_DIMS)])}"
+                         f"{' + more dims' if d[0] > _SHAPE_DIMS else ''}"
+                         for r, d in enumerate(ranks))
+        raise ValueError(f"gather: every rank must pass a tensor of the same shape "
+                         f"(the same batch size), got {text}")
+
+
+def _gather_into(x):
     out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
     # all_gather_single (torch >= 2.14) is all_gather_into_tensor renamed.
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x)
     return out
+
+
+def _all_gather(x):
+    """The ranks' x concatenated along dim 0, gathered straight into one tensor."""
+    _check_same_shape(x)
+    return _gather_into(x.contiguous())
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -53,7 +83,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather(x):
     """Rows of x from every rank, concatenated in rank order, with gradient.
 
-    All ranks must pass tensors of the same shape.
+    All ranks must pass tensors of the same shape (checked: see _check_same_shape).
     """
     if world_size() == 1:
         return x

@@ -91,3 +91,15 @@ def test_single_process_helpers_are_identity():
     x = torch.randn(3, 4, requires_grad=True)
     assert distributed.gather(x) is x
     assert distributed.rank() == 0 and distributed.world_size() == 1
+
+
+def _uneven_worker(rank, world):
+    with pytest.raises(ValueError, match=r"same shape .*rank 0: \(4, 3\); rank 1: \(5, 3\)"):
+        distributed.gather(torch.ones(4 + rank, 3, requires_grad=True))
+    with pytest.raises(ValueError, match=r"rank 0: \(2, 3, 4\); rank 1: \(2, 4, 4\)"):
+        distributed.gather_no_grad(torch.ones(2, 3 + rank, 4))
+    return distributed.gather(torch.full((2, 3), float(rank))).shape  # still paired after
+
+
+def test_unequal_shapes_across_ranks_are_a_clear_error_on_every_rank(tmp_path):
+    assert spawn_gloo(_uneven_worker, 2, tmp_path) == [(4, 3), (4, 3)]
