@@ -21,7 +21,7 @@ def world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
-_GATHERS = {"calls": 0}  # this process's gathers; every rank makes the same ones
+_GATHERS = {}  # this process's gathers per device type; every rank makes the same ones
 _SHAPE_DIMS = 6  # leading sizes compared (with the number of dims and of elements)
 
 
@@ -29,11 +29,12 @@ def _check_same_shape(x):
     """ValueError on every rank, naming the ranks' shapes, unless all ranks pass x
     of one shape (an all-gather of unequal shapes aborts or returns garbage). One
     tiny all-gather: on every call for CPU tensors; for GPU tensors, whose check
-    waits for the device, on a process's first gather only. The collectives stay
-    paired: every rank counts the same gathers."""
-    first = _GATHERS["calls"] == 0
-    _GATHERS["calls"] += 1
-    if x.device.type != "cpu" and not first:
+    waits for the device, on a process's first gather of them only. The
+    collectives stay paired: every rank counts the same gathers."""
+    kind = x.device.type
+    earlier = _GATHERS.get(kind, 0)
+    _GATHERS[kind] = earlier + 1
+    if kind != "cpu" and earlier:
         return
     lead = list(x.shape[:_SHAPE_DIMS])
     desc = [x.dim(), x.numel(), *lead, *[-1] * (_SHAPE_DIMS - len(lead))]

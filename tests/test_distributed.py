@@ -103,3 +103,20 @@ def _uneven_worker(rank, world):
 
 def test_unequal_shapes_across_ranks_are_a_clear_error_on_every_rank(tmp_path):
     assert spawn_gloo(_uneven_worker, 2, tmp_path) == [(4, 3), (4, 3)]
+
+
+def test_device_tensors_are_checked_at_their_first_gather_only(monkeypatch):
+    """The check waits for the device: once per process for device tensors, at every
+    gather for CPU tensors (the fake collective reports equal shapes)."""
+    calls = []
+
+    def fake_gather(t):
+        calls.append(t.device.type)
+        return torch.zeros(2 * len(t), dtype=torch.int64)
+
+    monkeypatch.setattr(distributed, "_GATHERS", {})
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_gather_into", fake_gather)
+    for x in [torch.empty(4, 3, device="meta")] * 3 + [torch.empty(4, 3)] * 2:
+        distributed._check_same_shape(x)
+    assert calls == ["meta", "cpu", "cpu"]
