@@ -51,10 +51,9 @@ def _seed(request):
 @pytest.fixture
 def tf32():
     """torch's fp32 matmul precision set to TF32 for the test (the kernels follow it)."""
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("torch before 2.9: no torch.backends.cuda.matmul.fp32_precision")
-    prev = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    yield
-    matmul.fp32_precision = prev
+    from sslfast.kernels.dot_lse import fp32_matmul_precision
+
+    with fp32_matmul_precision("tf32"):
+        yield

@@ -158,18 +158,14 @@ def test_parity_tf32(case, tf32):
 
 def test_tf32_follows_torch(tf32):
     # Every way torch sets its fp32 matmul precision reaches the kernels' flag.
-    matmul = torch.backends.cuda.matmul
-    prev = matmul.fp32_precision
-    try:
+    with dot_lse.fp32_matmul_precision("tf32"):
         for setting, ieee in (("ieee", True), ("tf32", False), ("none", True)):
-            matmul.fp32_precision = setting
+            torch.backends.cuda.matmul.fp32_precision = setting
             assert dot_lse._ieee(torch.float32) is ieee
         torch.set_float32_matmul_precision("high")
         assert not dot_lse._ieee(torch.float32)
         torch.set_float32_matmul_precision("highest")
         assert dot_lse._ieee(torch.float32)
-    finally:
-        matmul.fp32_precision = prev
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -364,9 +364,9 @@ at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at
     _augment_taps_kernel<<<taps_blocks, kThreads, 0, stream>>>(fc.data_ptr<float>(), batch,
                                                                kernel_size, taps.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    _augment_blur_pass_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+    _augment_blur_pass_kernel<float, false><<<grid, kThreads, 0, stream>>>(  // writes mid only
         s, tiles_x, n_tiles, kernel_size, taps.data_ptr<float>(), pre.data_ptr<float>(),
-        mid.data_ptr<float>(), norm, o);
+        mid.data_ptr<float>(), norm, Output<float>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     _augment_blur_pass_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
         s, tiles_x, n_tiles, kernel_size, taps.data_ptr<float>(), mid.data_ptr<float>(), nullptr,

@@ -112,15 +112,11 @@ def providers(case, device):
 
 def _tf32(step):
     """step with torch's fp32 matmul precision "tf32" (restored after)."""
+    from sslfast.kernels.dot_lse import fp32_matmul_precision  # GPU only: needs triton
 
     def run():
-        matmul = torch.backends.cuda.matmul
-        prev = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
+        with fp32_matmul_precision("tf32"):
             step()
-        finally:
-            matmul.fp32_precision = prev
 
     return run
 

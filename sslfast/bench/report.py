@@ -100,12 +100,15 @@ def latest_runs(records):
             same = [r for r in full if r["date"] == newest["date"]]
         pick = {}
         for r in same:
-            k = (r.get("model"), r.get("shape"), r.get("dtype"), r["provider"])
+            k = _case_key(r)
             if k not in pick or r["date"] > pick[k]["date"]:
                 pick[k] = r
-        out[key] = [r for r in same if pick[(r.get("model"), r.get("shape"), r.get("dtype"),
-                                             r["provider"])] is r]
+        out[key] = [r for r in same if pick[_case_key(r)] is r]
     return out
+
+
+def _case_key(r):
+    return r.get("model"), r.get("shape"), r.get("dtype"), r["provider"]
 
 
 def _dates(rs):

@@ -195,12 +195,16 @@ def main(argv=None):
     try:
         return pretrain(args)
     except USER_ERRORS as exc:
-        print(f"sslfast-pretrain: error: {exc}", file=sys.stderr)
+        print_user_error(exc)
         return 2
 
 
 # Bad input: a one-line message and exit status 2, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def print_user_error(exc):
+    print(f"sslfast-pretrain: error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

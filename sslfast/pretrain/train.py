@@ -16,7 +16,12 @@ from sslfast._memory import keep_freed_memory
 from sslfast.methods import METHODS
 from sslfast.pretrain import checkpoint
 from sslfast.pretrain.backbones import build_backbone, check_backbone
-from sslfast.pretrain.cli import USER_ERRORS, WANTS_SYNC_BN, settings_from_args
+from sslfast.pretrain.cli import (
+    USER_ERRORS,
+    WANTS_SYNC_BN,
+    print_user_error,
+    settings_from_args,
+)
 from sslfast.pretrain.data import (
     EncodedImages,
     decode_images,
@@ -159,7 +164,7 @@ def pretrain(args):
             # error): its peers wait in their next collective, and destroying an NCCL
             # group waits for them. Exit now, as main() would; torchrun stops the peers.
             if isinstance(exc, USER_ERRORS):
-                print(f"sslfast-pretrain: error: {exc}", file=sys.stderr)
+                print_user_error(exc)
             else:
                 traceback.print_exc()
             sys.stderr.flush()
