@@ -162,6 +162,23 @@ def test_bad_lists(backend):
 
 
 @pytest.mark.parametrize("backend", BAD_BACKENDS)
+def test_targets_sharing_memory_are_refused(backend):
+    """Targets are updated concurrently: one tensor twice (a tied parameter) would be
+    updated once or twice by chance. Views that interleave without sharing an element
+    are fine."""
+    t, m = torch.randn(3), torch.randn(4, 6)
+    kept = (t.clone(), m.clone())
+    with pytest.raises(ValueError, match=r"targets\[0\] and targets\[2\] share memory"):
+        ema_([t, torch.randn(2), t], [torch.randn(3), torch.randn(2), torch.randn(3)], 0.5,
+             backend=backend)
+    with pytest.raises(ValueError, match=r"targets\[0\] and targets\[1\] share memory"):
+        ema_([m[1:3], m[:2]], [torch.randn(2, 6), torch.randn(2, 6)], 0.5, backend=backend)
+    assert torch.equal(t, kept[0]) and torch.equal(m, kept[1]), "a rejected call changes nothing"
+    _check_update([m[:, 0], m[:, 1], m[2:, 2:]], [torch.randn(4), torch.randn(4),
+                                                  torch.randn(2, 4)], 0.5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BAD_BACKENDS)
 def test_bad_dtypes(backend):
     with pytest.raises(TypeError, match=r"targets\[0\] must be a floating-point tensor"):
         ema_([torch.zeros(3, dtype=torch.int64)], [torch.randn(3)], 0.5, backend=backend)
@@ -274,6 +291,16 @@ def test_cuda_no_host_sync_with_device_decay():
     targets, sources = _lists([(100_000,), (33,)], (torch.float32, torch.bfloat16), "cuda")
     decay = torch.tensor(0.9, device="cuda")
     assert_no_host_sync(lambda: ema_(targets, sources, decay))
+
+
+@pytest.mark.cuda
+def test_cuda_mixed_devices_are_a_clear_error():
+    """Any CUDA argument sends the op to the CUDA kernel, CPU targets too."""
+    cpu, gpu = torch.randn(3), torch.randn(3, device="cuda")
+    with pytest.raises(ValueError, match=r"targets\[0\] is on cpu but sources\[0\] is on cuda"):
+        ema_([cpu], [gpu], 0.5)
+    with pytest.raises(ValueError, match="decay is on cuda:0 but targets are on cpu"):
+        torch.ops.sslfast.ema_([cpu], [cpu.clone()], torch.tensor(0.5, device="cuda"), 0.0)
 
 
 @pytest.mark.cuda
@@ -421,6 +448,20 @@ def test_model_ema_state_dict_round_trip_and_eval():
     assert all(not p.requires_grad for p in ema.module.parameters())
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(ema(x), ema.module(x))
+
+
+def test_model_ema_averages_a_tied_parameter_once():
+    """A parameter shared by two modules is one tensor: one EMA step, as timm's
+    ModelEmaV3 and lightly's update_momentum (over parameters()) take."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 4, bias=False))
+    model[2].weight = model[0].weight
+    ema = sslfast.ModelEMA(model, decay=0.5)
+    assert ema.module[2].weight is ema.module[0].weight
+    before = ema.module[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    assert_parity(ema.module[0].weight, (before + model[0].weight) / 2)
 
 
 def test_model_ema_follows_moves_and_wrappers():

@@ -124,6 +124,12 @@ void ema_cuda_(at::TensorList targets, at::TensorList sources,
                       sources.size());
     return;
   }
+  // The dispatcher picks this kernel when any argument is on a GPU: a mix of devices is
+  // reported by the checks (make_plan's, the decay's), not by the guard's assertion.
+  Plan plan = make_plan(targets, sources);
+  TORCH_CHECK_VALUE(targets[0].is_cuda(), "sslfast: decay is on ",
+                    decay_tensor.has_value() ? decay_tensor->device() : targets[0].device(),
+                    " but targets are on ", targets[0].device());
   const c10::cuda::CUDAGuard guard(targets[0].device());
   at::Tensor decay_dev;
   const double* decay_ptr = nullptr;
@@ -141,7 +147,6 @@ void ema_cuda_(at::TensorList targets, at::TensorList sources,
     }
   }
   if (decay_ptr == nullptr) check_decay_value(decay);
-  Plan plan = make_plan(targets, sources);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   // One pass of launches per dtype pair.

@@ -6,6 +6,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "common/sslfast_common.h"
@@ -27,6 +29,44 @@ struct Plan {
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
 };
+
+// Targets may not share memory with one another: their updates run concurrently
+// (GPU blocks, CPU threads), so a tensor passed twice (a tied parameter listed under
+// two names, say) would be updated once or twice by chance. Spans sorted by start;
+// a pair whose spans meet is compared exactly (views that interleave without
+// sharing an element, such as two columns of one matrix, pass).
+inline void check_disjoint_targets(at::TensorList targets) {
+  struct Span {
+    uintptr_t begin, end;
+    int64_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(targets.size());
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const at::Tensor& t = targets[i];
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // offset of the last element (strides are not negative)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()),
+                     static_cast<int64_t>(i)});
+  }
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  const Span* reach = nullptr;  // the span reaching furthest so far
+  for (const Span& s : spans) {
+    if (reach != nullptr && s.begin < reach->end) {
+      const auto status = at::get_overlap_status(targets[reach->index], targets[s.index]);
+      TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full &&
+                            status != at::MemOverlapStatus::Partial,
+                        "sslfast: targets[", std::min(reach->index, s.index), "] and targets[",
+                        std::max(reach->index, s.index),
+                        "] share memory (the same tensor twice, e.g. a tied parameter?); each "
+                        "target may appear once");
+    }
+    if (reach == nullptr || s.end > reach->end) reach = &s;
+  }
+}
 
 inline void check_decay_value(double decay) {
   TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, "sslfast: decay must be in [0, 1], got ", decay);
@@ -69,6 +109,7 @@ inline Plan make_plan(at::TensorList targets, at::TensorList sources) {
     }
     plan.regions.push_back({dense_t.data_ptr(), dense_s.data_ptr(), t.numel(), pair});
   }
+  check_disjoint_targets(targets);
   return plan;
 }
 

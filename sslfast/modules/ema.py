@@ -51,15 +51,19 @@ class _Slot:
 
 
 def _slots(model):
-    """name -> _Slot for every parameter and persistent buffer (state_dict order)."""
-    out = {}
+    """name -> _Slot for every parameter and persistent buffer (state_dict order), each
+    tensor once: a tied one under its first name only (as ``parameters()`` lists it),
+    so that it is averaged once per update."""
+    out, seen = {}, set()
     for prefix, mod in model.named_modules():
         pre = prefix + "." if prefix else ""
         for name, p in mod._parameters.items():
-            if p is not None:
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
                 out.setdefault(pre + name, _Slot(mod, name, True))
         for name, b in mod._buffers.items():
-            if b is not None and name not in mod._non_persistent_buffers_set:
+            if b is not None and name not in mod._non_persistent_buffers_set and id(b) not in seen:
+                seen.add(id(b))
                 out.setdefault(pre + name, _Slot(mod, name, False))
     return out
 

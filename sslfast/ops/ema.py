@@ -102,6 +102,34 @@ def check_lists(targets, sources):
             )
 
 
+def _dense(t):
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return t.is_contiguous() or channels_last
+
+
+def check_disjoint_targets(targets):
+    """The kernels' check (csrc/ema/ema_plan.h) that no two targets share memory, for
+    the Python paths: spans sorted by start, a pair whose spans meet compared (shared
+    when it is one tensor twice, or two dense tensors: too hard to tell otherwise)."""
+    spans = []
+    for i, t in enumerate(targets):
+        if t.numel():
+            last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+            spans.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size(), i))
+    spans.sort()
+    reach = None
+    for begin, end, i in spans:
+        if reach is not None and begin < reach[1]:
+            a, b = targets[reach[2]], targets[i]
+            if a is b or (_dense(a) and _dense(b)):
+                lo, hi = sorted((reach[2], i))
+                raise ValueError(
+                    f"targets[{lo}] and targets[{hi}] share memory (the same tensor twice, e.g. "
+                    "a tied parameter?); each target may appear once")
+        if reach is None or end > reach[1]:
+            reach = (begin, end, i)
+
+
 def _check_decay_device(decay_tensor, device):
     if decay_tensor is not None and decay_tensor.device.type != "cpu":
         if decay_tensor.device != device:
@@ -157,6 +185,8 @@ def ema_(targets, sources, decay, *, backend="auto"):
         torch.ops.sslfast.ema_(targets, sources, decay_tensor, decay_value)
         return
     check_lists(targets, sources)
+    if not torch.compiler.is_compiling():  # traced tensors have no memory to compare
+        check_disjoint_targets(targets)
     if name == "reference":
         _ema_reference_(targets, sources, decay_tensor, decay_value)
     else:
