@@ -132,7 +132,8 @@ def _crop_block(s0_ptr, s1_ptr, S0, b, n, S, N, K, blk, offs, ok, q, x_scale, co
                     count, out_ptr)
     else:
         _block_stats(s0_ptr, s1_ptr, S0, b, n, N, K, offs, ok, q, x_scale,
-                     out_ptr + ((blk * S + b) * N + n).to(tl.int64) * 4)
+                     # int64 (blk may be a Python int): blocks x S x N x 4 may pass 2^31
+                     out_ptr + (((tl.zeros([], tl.int64) + blk) * S + b) * N + n) * 4)
 
 
 @triton.jit
@@ -156,19 +157,19 @@ def _dino_merge_kernel(part_ptr, lse_s_ptr, term_ptr, T, S, N, n_blocks,
     cancels unrounded."""
     LN2: tl.constexpr = 0.6931471805599453
     row = tl.program_id(0)
-    stride = S * N * 4
+    base = part_ptr + row.to(tl.int64) * 4  # int64 offsets: blocks x S x N x 4 may pass 2^31
     m = tl.full([], float("-inf"), tl.float32)
     for p0 in range(0, n_blocks, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = p < n_blocks
-        m_i = tl.load(part_ptr + p.to(tl.int64) * stride + row * 4, mask=ok, other=float("-inf"))
+        m_i = tl.load(base + p.to(tl.int64) * S * N * 4, mask=ok, other=float("-inf"))
         m = tl.maximum(m, tl.max(m_i, 0))
     l_sum = tl.zeros([], dtype=tl.float32)
     d = tl.zeros([], dtype=tl.float32)
     for p0 in range(0, n_blocks, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = p < n_blocks
-        blk = part_ptr + p.to(tl.int64) * stride + row * 4
+        blk = base + p.to(tl.int64) * S * N * 4
         m_i = tl.load(blk, mask=ok, other=0.0)
         shift = tl.where(ok, m - m_i, 0.0)
         l_sum += tl.sum(tl.load(blk + 1, mask=ok, other=0.0) * tl.exp2(-shift), 0)
@@ -207,7 +208,7 @@ def _split_plan(N, n_blocks, splits, device):
     if _check_splits(splits) is None:
         sms = _sm_count(device)
         splits = 1 if sms is None else triton.cdiv(4 * sms, N)
-    per = triton.cdiv(n_blocks, min(splits, n_blocks))
+    per = triton.cdiv(n_blocks, min(splits, n_blocks, 65535))  # grid axis 1: < 2^16
     return triton.cdiv(n_blocks, per), per
 
 
