@@ -39,18 +39,17 @@ SSLFAST_CPU_CLONES void resize_crop(const Image& img, const int64_t* box, bool f
                                     float* buf, std::vector<float>& tmp) {
   const int64_t top = box[0], left = box[1], h = box[2], w = box[3];
   const T* src = static_cast<const T*>(img.data);
-  // Normalized weights of every output column.
-  std::vector<int64_t> xmin(S), xsize(S);
+  // Normalized weights of every output column. Each window is computed once: two
+  // evaluations could differ where the compiler contracts them differently (FMA).
+  std::vector<AAWindow> wins(S);
   int64_t wmax = 1;
   for (int64_t x = 0; x < S; ++x) {
-    const AAWindow win = aa_window(x, w, S);
-    xmin[x] = win.xmin;
-    xsize[x] = win.xsize;
-    wmax = std::max(wmax, win.xsize);
+    wins[x] = aa_window(x, w, S);
+    wmax = std::max(wmax, wins[x].xsize);
   }
   std::vector<float> wx(S * wmax, 0.f), row(w);
   for (int64_t x = 0; x < S; ++x) {
-    const AAWindow win = aa_window(x, w, S);
+    const AAWindow& win = wins[x];
     float total = 0.f;
     for (int64_t j = 0; j < win.xsize; ++j) total += aa_weight(win, j);
     for (int64_t j = 0; j < win.xsize; ++j)
@@ -64,9 +63,9 @@ SSLFAST_CPU_CLONES void resize_crop(const Image& img, const int64_t* box, bool f
       float* out = tmp.data() + (c * h + r) * S;
       for (int64_t x = 0; x < S; ++x) {
         const float* wt = wx.data() + x * wmax;
-        const float* px = row.data() + xmin[x];
+        const float* px = row.data() + wins[x].xmin;
         float acc = 0.f;
-        for (int64_t j = 0; j < xsize[x]; ++j) acc += wt[j] * px[j];
+        for (int64_t j = 0; j < wins[x].xsize; ++j) acc += wt[j] * px[j];
         out[x] = acc;
       }
     }

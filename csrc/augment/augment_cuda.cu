@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "augment/augment_checks.h"
@@ -331,7 +332,11 @@ at::Tensor augment_cuda(at::TensorList images, const at::Tensor& boxes, const at
   const int64_t n_tiles = tiles_x * tiles_x;
   at::Tensor partial = at::empty({batch, n_tiles}, boxes.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(n_tiles * batch));  // x: no 65535 limit
+  // One block per (tile, sample) along x (no 65535 limit; 2^31 - 1).
+  TORCH_CHECK_VALUE(n_tiles * batch <= std::numeric_limits<int32_t>::max(), "sslfast: augment: ",
+                    batch, " images of ", n_tiles, " tiles each are more blocks than one launch "
+                    "takes; pass fewer images per call");
+  const dim3 grid(static_cast<unsigned>(n_tiles * batch));
   _augment_mean_kernel<<<grid, kThreads, 0, stream>>>(s, tiles_x, n_tiles, partial.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Normalize norm;
