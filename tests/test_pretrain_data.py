@@ -12,6 +12,7 @@ from torchvision.io import encode_jpeg, encode_png  # noqa: E402
 from sslfast.pretrain.data import (  # noqa: E402
     EMBEDDED_CLASSES,
     EncodedImages,
+    PackedBuffers,
     _embedded_bytes,
     collate_encoded,
     decode_images,
@@ -205,7 +206,12 @@ def test_encoded_images_constructor():
 def test_collate_and_loader(tmp_path):
     ds = embedded_dataset("train", size=30)
     buffers, labels = collate_encoded([ds[0], ds[1]])
-    assert isinstance(buffers, list) and len(buffers) == 2 and buffers[0].dtype == torch.uint8
+    assert isinstance(buffers, PackedBuffers) and buffers.data.dtype == torch.uint8
+    assert buffers.sizes.tolist() == [len(ds[0][0]), len(ds[1][0])]
+    assert [b.tolist() for b in buffers.unpack()] == [ds[0][0].tolist(), ds[1][0].tolist()]
+    unpacked = decode_images([ds[0][0], ds[1][0]], "cpu")
+    for x, y in zip(decode_images(buffers, "cpu"), unpacked, strict=True):
+        assert torch.equal(x, y)
     assert labels.dtype == torch.int64 and labels.tolist() == [ds[0][1], ds[1][1]]
 
     def order(seed):
@@ -224,8 +230,9 @@ def test_collate_and_loader(tmp_path):
     loader = make_loader(folder, 2, shuffle=False, drop_last=False, num_workers=1)
     assert loader.persistent_workers
     batches = list(loader)
-    assert [len(b) for b, _ in batches] == [2, 2, 2]
-    assert torch.equal(batches[0][0][0], folder[0][0])
+    assert all(isinstance(b, PackedBuffers) for b, _ in batches)  # one tensor per batch
+    assert [len(b.sizes) for b, _ in batches] == [2, 2, 2]
+    assert torch.equal(batches[0][0].unpack()[0], folder[0][0])
 
 
 # --------------------------------------------------------------------------- kNN

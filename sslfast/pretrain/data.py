@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -322,9 +322,30 @@ def _render_shapes(labels: np.ndarray, s: int, rng: np.random.Generator) -> np.n
 # --------------------------------------------------------------------------- batches
 
 
-def collate_encoded(batch) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``[(bytes, label), ...]`` → (list of uint8 1-D tensors, int64 labels)."""
-    buffers = [b for b, _ in batch]
+class PackedBuffers(NamedTuple):
+    """A batch's encoded images in one uint8 tensor: ``data`` holds them end to end,
+    ``sizes`` (int64) their lengths. One tensor crosses from a DataLoader worker and is
+    pinned, not one per image (which, 256 to a batch, also holds that many file
+    descriptors in flight under torch's default sharing strategy)."""
+
+    data: torch.Tensor
+    sizes: torch.Tensor
+
+    @classmethod
+    def pack(cls, buffers: Sequence[torch.Tensor]) -> PackedBuffers:
+        sizes = torch.tensor([b.numel() for b in buffers], dtype=torch.int64)
+        flat = [b.reshape(-1) for b in buffers]
+        data = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+        return cls(data, sizes)
+
+    def unpack(self) -> list[torch.Tensor]:
+        """The images' buffers: views into ``data``."""
+        return list(self.data.split(self.sizes.tolist()))
+
+
+def collate_encoded(batch) -> tuple[PackedBuffers, torch.Tensor]:
+    """``[(bytes, label), ...]`` → (the buffers packed, int64 labels)."""
+    buffers = PackedBuffers.pack([b for b, _ in batch])
     labels = torch.tensor([int(y) for _, y in batch], dtype=torch.int64)
     return buffers, labels
 
@@ -333,8 +354,9 @@ def _is_jpeg(buf: torch.Tensor) -> bool:
     return buf.numel() >= 3 and buf[:3].tolist() == [0xFF, 0xD8, 0xFF]
 
 
-def decode_images(encoded: Sequence[torch.Tensor], device) -> list[torch.Tensor]:
-    """Decode buffers to RGB uint8 ``(3, H, W)`` tensors on ``device``.
+def decode_images(encoded: Sequence[torch.Tensor] | PackedBuffers, device) -> list[torch.Tensor]:
+    """Decode buffers (a sequence of uint8 1-D tensors, or ``PackedBuffers``) to RGB
+    uint8 ``(3, H, W)`` tensors on ``device``.
 
     On CUDA, JPEGs are decoded in one batched nvJPEG call; other formats (PNG) and
     JPEGs nvJPEG refuses are decoded on the CPU and moved. Grayscale and alpha
@@ -343,6 +365,8 @@ def decode_images(encoded: Sequence[torch.Tensor], device) -> list[torch.Tensor]
     tvio = _torchvision_io()
     rgb = tvio.ImageReadMode.RGB
     device = torch.device(device)
+    if isinstance(encoded, PackedBuffers):
+        encoded = encoded.unpack()
     buffers = [b if b.device.type == "cpu" else b.cpu() for b in encoded]
     out: list[torch.Tensor | None] = [None] * len(buffers)
     if device.type == "cuda":
