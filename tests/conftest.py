@@ -53,7 +53,7 @@ def tf32():
     """torch's fp32 matmul precision set to TF32 for the test (the kernels follow it)."""
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("torch before 2.9: no torch.backends.cuda.matmul.fp32_precision")
-    from sslfast.kernels.dot_lse import fp32_matmul_precision
+    from sslfast.bench.harness import fp32_precision
 
-    with fp32_matmul_precision("tf32"):
+    with fp32_precision("tf32"):
         yield

@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from sslfast.bench import harness  # noqa: E402
 from sslfast.kernels import dot_lse  # noqa: E402
 from sslfast.kernels.dot_lse import dot_lse_backward, dot_lse_forward  # noqa: E402
 from tests.utils import TRITON_DEVICE as DEVICE  # noqa: E402
@@ -158,7 +159,7 @@ def test_parity_tf32(case, tf32):
 
 def test_tf32_follows_torch(tf32):
     # Every way torch sets its fp32 matmul precision reaches the kernels' flag.
-    with dot_lse.fp32_matmul_precision("tf32"):
+    with harness.fp32_precision("tf32"):
         for setting, ieee in (("ieee", True), ("tf32", False), ("none", True)):
             torch.backends.cuda.matmul.fp32_precision = setting
             assert dot_lse._ieee(torch.float32) is ieee

@@ -9,8 +9,9 @@ Providers:
   kornia             kornia.augmentation.AugmentationSequential (per-sample), where
                      installed
   sslfast            the preset (SimCLRAugment / DINOAugment) over sslfast.functional.augment
-  sslfast_jpeg       end to end from JPEG bytes: torchvision.io.decode_jpeg on the device
-                     (nvJPEG on a GPU), then the preset
+  sslfast_jpeg       end to end from JPEG bytes: the training loop's decode_images
+                     (torchvision.io.decode_jpeg on the device, nvJPEG on a GPU), then
+                     the preset
 
 Cases (GPU): SimCLR (2 views of 224², B = 256) and DINO (2 x 224² + 8 x 96², B = 256);
 on the CPU B = 32 (SimCLR) and 16 (DINO). Figures: views/s, and the bytes read and
@@ -95,11 +96,12 @@ def providers(case, device):
     gen = torch.Generator(device=device).manual_seed(1)
     out["sslfast"] = lambda: preset(images, gen)
     try:
-        from torchvision.io import decode_jpeg, encode_jpeg
+        from torchvision.io import encode_jpeg
+
+        from sslfast.pretrain.data import decode_images  # the training loop's decode
 
         jpegs = [encode_jpeg(img, quality=90) for img in images.cpu()]
-        dev = "cuda" if device.type == "cuda" else "cpu"
-        out["sslfast_jpeg"] = lambda: preset(decode_jpeg(jpegs, device=dev), gen)
+        out["sslfast_jpeg"] = lambda: preset(decode_images(jpegs, device), gen)
     except (ImportError, RuntimeError) as exc:
         print(f"  JPEG decoding unavailable ({exc}): sslfast_jpeg skipped")
     return out

@@ -39,7 +39,9 @@ GPU_CASES = (
 CPU_CASES = [("ntxent", 2048, 128, 0), ("ntxent", 8192, 128, 0), ("moco", 256, 128, 65536),
              ("clip", 4096, 512, 0)]
 QUICK_CASES = [("ntxent", 1024, 128, 0), ("moco", 128, 128, 8192), ("clip", 1024, 256, 0)]
-# The dense providers would need more than this many logits: skipped, not run into OOM.
+# The dense providers (they build the logit matrix) would need more than this many
+# logits: skipped, not run into OOM.
+DENSE_PROVIDERS = ("reference", "lightly")
 DENSE_LIMIT = {"cuda": 65536 * 65536, "cpu": 16384 * 16384}
 
 
@@ -88,14 +90,16 @@ def providers(case, device):
         out["reference"] = lambda: clip_reference(a, b, scale)
         if device.type == "cuda":
             try:
-                from inf_cl import cal_inf_loss
+                from inf_cl import cal_flash_loss
 
                 labels = torch.arange(rows, device=device)
 
                 def inf_cl():
+                    # Inf-CL's one-GPU loss (its cal_inf_loss passes the scale through a
+                    # GradientGather whose backward all-reduces: it needs a process group).
                     x, y = F.normalize(a, dim=1), F.normalize(b, dim=1)
-                    return (cal_inf_loss(x, y, labels=labels, scale=scale)
-                            + cal_inf_loss(y, x, labels=labels, scale=scale)) / 2
+                    return (cal_flash_loss(x, y, labels=labels, scale=scale).mean()
+                            + cal_flash_loss(y, x, labels=labels, scale=scale).mean()) / 2
 
                 out["inf_cl"] = inf_cl
             except Exception as exc:  # noqa: BLE001 - not installed, or not importable here
@@ -112,10 +116,9 @@ def providers(case, device):
 
 def _tf32(step):
     """step with torch's fp32 matmul precision "tf32" (restored after)."""
-    from sslfast.kernels.dot_lse import fp32_matmul_precision  # GPU only: needs triton
 
     def run():
-        with fp32_matmul_precision("tf32"):
+        with harness.fp32_precision("tf32"):
             step()
 
     return run
@@ -147,7 +150,7 @@ def run(device, quick=False, write=True, progress=None, ceil=None):
         flops, n_logits = _flops(kind, rows, d, k)
         provs = providers(case, device)
         if n_logits > DENSE_LIMIT[device.type]:
-            for name in [p for p in provs if p != "sslfast"]:
+            for name in [p for p in provs if p in DENSE_PROVIDERS]:
                 print(f"  {kind} N={rows}: {name} skipped ({n_logits} dense logits)")
                 del provs[name]
         measured = harness.trial_runs(provs)

@@ -97,8 +97,8 @@ def _providers(model, case, device):
 
         timm_ema = ModelEmaV3(model, decay=DECAY, dtype=torch.float32)
         out["timm"] = (lambda: timm_ema.apply_update_(model, DECAY), "ModelEmaV3")
-    except ImportError:
-        print("  timm not installed: skipped")
+    except Exception as exc:  # noqa: BLE001 - not installed, or a timm without these arguments
+        print(f"  timm's ModelEmaV3 unavailable ({type(exc).__name__}: {exc}): skipped")
     out["sslfast"] = (lambda: functional.ema_(ts, ss, DECAY), "functional.ema_")
     ours = sslfast.ModelEMA(model, decay=DECAY, shadow_dtype=torch.float32)
     out["sslfast.ModelEMA"] = (lambda: ours.update(model), "ModelEMA.update")

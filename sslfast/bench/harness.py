@@ -263,13 +263,33 @@ def use_results(folder):
         RESULTS = folder
 
 
-def write_records(op, records):
-    """Append records as JSON lines to benchmarks/results/<op>.jsonl."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{op}.jsonl")
+@contextlib.contextmanager
+def fp32_precision(value, setting=None):
+    """torch's fp32 precision ("tf32" or "ieee") of ``setting`` set to ``value`` inside
+    the block and restored after (torch 2.9+'s fp32_precision). setting: the
+    torch.backends object, default torch.backends.cuda.matmul (matmuls, and with them
+    sslfast's Triton kernels); torch.backends.cudnn.conv for convolutions."""
+    setting = torch.backends.cuda.matmul if setting is None else setting
+    prev = setting.fp32_precision
+    setting.fp32_precision = value
+    try:
+        yield
+    finally:
+        setting.fp32_precision = prev
+
+
+def record_line(r):
+    """A record as its JSON line (keys sorted: one record, one line)."""
+    return json.dumps(r, sort_keys=True)
+
+
+def write_records(op, records, results_dir=None):
+    """Append records as JSON lines to <results>/<op>.jsonl (default RESULTS)."""
+    results_dir = results_dir or RESULTS
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{op}.jsonl")
     with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.writelines(record_line(r) + "\n" for r in records)
     return path
 
 

@@ -64,18 +64,16 @@ def add(paths, results_dir=None):
                 if not r.get("commit"):
                     raise ValueError(f"{path}:{n} names no commit (set SSLFAST_COMMIT where the "
                                      f"run has no git): nothing added")
-                new.setdefault(r["op"], []).append(json.dumps(r, sort_keys=True))
+                new.setdefault(r["op"], {}).setdefault(harness.record_line(r), r)
     added = {}
-    for op, lines in new.items():
+    for op, records in new.items():
         path = os.path.join(results_dir, f"{op}.jsonl")
         have = set()
         if os.path.exists(path):
             with open(path) as f:
                 have = {line.rstrip("\n") for line in f}
-        fresh = [line for line in dict.fromkeys(lines) if line not in have]
-        os.makedirs(results_dir, exist_ok=True)
-        with open(path, "a") as f:
-            f.writelines(line + "\n" for line in fresh)
+        fresh = [r for line, r in records.items() if line not in have]
+        harness.write_records(op, fresh, results_dir)
         added[op] = len(fresh)
     return added
 

@@ -40,19 +40,6 @@ def _tf32_allowed():
         return bool(matmul.allow_tf32)
 
 
-@contextlib.contextmanager
-def fp32_matmul_precision(value):
-    """torch's fp32 matmul precision ("tf32" or "ieee") set to ``value`` inside the
-    block and restored after (torch 2.9+: torch.backends.cuda.matmul.fp32_precision)."""
-    matmul = torch.backends.cuda.matmul
-    prev = matmul.fp32_precision
-    matmul.fp32_precision = value
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = prev
-
-
 def _ieee(dtype):
     """The IEEE flag of the kernels: fp32 inputs are multiplied in full fp32 (FMA
     dots), or on TF32 tensor cores where torch's fp32 matmuls would be too."""
