@@ -4,7 +4,7 @@ A ``CUDAExtension`` when nvcc and a CUDA build of torch are present, else a
 ``CppExtension``. Environment:
 
 - ``SSLFAST_FORCE_CPU=1``      build the C++ CPU kernels only.
-- ``SSLFAST_CUDA_ARCHS``       CUDA targets, default ``8.0;9.0``.
+- ``SSLFAST_CUDA_ARCHS``       CUDA targets (over TORCH_CUDA_ARCH_LIST), default ``8.0;9.0``.
 - ``CUDA_HOME``                toolkit root; guessed from the usual places if unset.
 - ``MAX_JOBS``                 parallel compile jobs (read by torch's build).
 """
@@ -29,6 +29,9 @@ def _find_cuda_home():
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidates = [env] if env else []
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    nvcc = shutil.which("nvcc")  # last: a toolkit elsewhere, nvcc on PATH its own
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for root in candidates:
         if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
             os.path.join(root, "include", "cuda_runtime.h")
@@ -64,8 +67,13 @@ def _extension():
         if cuda_home:
             os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
             os.environ["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + os.environ["PATH"]
-    archs = os.environ.get("SSLFAST_CUDA_ARCHS", "8.0;9.0")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+    # SSLFAST_CUDA_ARCHS wins over an inherited TORCH_CUDA_ARCH_LIST; the default only
+    # where neither is set.
+    if os.environ.get("SSLFAST_CUDA_ARCHS"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["SSLFAST_CUDA_ARCHS"]
+    else:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
 
     import torch
     from torch.utils import cpp_extension

@@ -25,7 +25,9 @@
 #
 # Where the tree travels without .git, results record SSLFAST_COMMIT (give the
 # commit the tree is at); run.log's source digest lets you check that it is.
-# Pure-Python wheels in .whl/ (lightly, kornia, pytest-xdist, ...) are installed first.
+# Pure-Python wheels in .whl/ (lightly, kornia, pytest-xdist, ...; git-ignored: give
+# the device call carry [".whl"]) are installed first. Exit status: the build's, else
+# the first failing of the tests and the benchmarks (0 when all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
@@ -63,23 +65,34 @@ main() {
     echo "build: up to date ($stamp)"
   else
     if ! python3 -m pip install --no-build-isolation --no-deps -e . > /tmp/sslfast_build.log 2>&1; then
-      tail -n 60 /tmp/sslfast_build.log; exit 1
+      tail -n 60 /tmp/sslfast_build.log; return 1
+    fi
+    if ! python3 -c "import sslfast, sys; sys.exit(not sslfast.has_cuda_kernels())"; then
+      echo "build: the extension has no CUDA kernels (nvcc or CUDA_HOME not found?)"
+      grep -m 3 "sslfast: building" /tmp/sslfast_build.log; return 1
     fi
     mkdir -p build && echo "$stamp" > build/gpu_run.stamp
     echo "build (sm ${SSLFAST_CUDA_ARCHS}): $(( $(date +%s) - start )) s"
   fi
+  status=0
   if [ "$run_tests" = 1 ]; then
     workers=()
     if python3 -c "import xdist" 2> /dev/null; then workers=(-n "${TEST_WORKERS:-4}"); fi
     timeout "${TEST_TIMEOUT:-480}" python3 -m pytest tests -m cuda -q -rfEs --durations=25 \
       ${workers[@]+"${workers[@]}"}
-    echo "tests done (status $?): $(( $(date +%s) - start )) s"
+    rc=$?
+    echo "tests done (status $rc): $(( $(date +%s) - start )) s"
+    [ "$status" != 0 ] || status=$rc
   fi
   if [ "$run_bench" = 1 ]; then
     python3 -m sslfast.bench --check --results "$out/results" ${bench_args[@]+"${bench_args[@]}"}
-    echo "benchmarks done (status $?)"
+    rc=$?
+    echo "benchmarks done (status $rc)"
+    [ "$status" != 0 ] || status=$rc
   fi
-  echo "done in $(( $(date +%s) - start )) s; files in $out"
+  df -h /dev/shm | tail -n 1; echo "open files limit $(ulimit -n)"
+  echo "done in $(( $(date +%s) - start )) s (status $status); files in $out"
+  return "$status"
 }
 
 mkdir -p "$out/results"
