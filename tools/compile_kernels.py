@@ -72,6 +72,40 @@ def variants(quick):
                 if fn is PAIR._dot_lse_pair_bwd_kernel:
                     consts["NEED_DY"] = True
                 out.append((fn, dt, consts, c.num_warps, c.num_stages))
+    if not quick:  # every autotune config of the one-direction kernels (D = 128): bf16,
+        # and IEEE fp32 where the pruning keeps them (BLOCK_D <= 128)
+        for backward, configs in ((False, K._FWD_CONFIGS), (True, K._BWD_CONFIGS)):
+            for c, dt in itertools.product(configs, ("bf16", "fp32")):
+                if dt == "fp32" and c.kwargs["BLOCK_D"] > 128:
+                    continue
+                consts = {"IEEE": dt == "fp32", **c.kwargs,
+                          "SINGLE_D": c.kwargs["BLOCK_D"] >= 128}
+                launch = (c.num_warps, c.num_stages)
+                if not backward:
+                    out.append((K._dot_lse_fwd_kernel, dt, {
+                        "HAS_EXCLUDE": True, "HAS_EXTRA": False, "SPLIT": False, **consts},
+                        *launch))
+                    continue
+                out.append((K._dot_lse_bwd_dq_kernel, dt, {
+                    "HAS_EXCLUDE": False, "STORE_DQ": True, "TWO_SIDED": True, "DS_BOTH": True,
+                    **consts}, *launch))
+                out.append((K._dot_lse_bwd_dk_kernel, dt, {
+                    "HAS_EXCLUDE": True, "NORM_G": False, **consts}, *launch))
+        # the fixed configs (tests, deterministic mode) with their own warps and stages
+        fixed, pair_fixed = K._FIXED_GPU_CONFIG, PAIR._FIXED_GPU_CONFIG
+        for dt in ("bf16", "fp32"):
+            ieee = dt == "fp32"
+            blocks = {k: fixed[k] for k in ("BLOCK_R", "BLOCK_C", "BLOCK_D")}
+            out.append((K._dot_lse_bwd_dq_kernel, dt, {
+                "HAS_EXCLUDE": True, "IEEE": ieee, "STORE_DQ": True, "TWO_SIDED": False,
+                "DS_BOTH": False, **blocks, "SINGLE_D": True},
+                fixed["num_warps"], fixed["num_stages"]))
+            pair = {"SYMMETRIC": True, "EXCLUDE_DIAG": True, "IEEE": ieee, "SINGLE_D": True,
+                    "BLOCK": pair_fixed["BLOCK"], "BLOCK_D": pair_fixed["BLOCK_D"]}
+            pair_launch = (pair_fixed["num_warps"], pair_fixed["num_stages"])
+            out.append((PAIR._dot_lse_pair_fwd_kernel, dt, pair, *pair_launch))
+            out.append((PAIR._dot_lse_pair_bwd_kernel, dt, {**pair, "NEED_DY": True},
+                        *pair_launch))
     for dt in [d for d in dtypes if d != "tf32"]:  # no dots
         block = {"BLOCK_K": DINO._GPU_CONFIG["BLOCK_K"]}
         warps = DINO._GPU_CONFIG["num_warps"]
