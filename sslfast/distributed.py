@@ -74,7 +74,9 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         acc = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
-        total = grad.to(acc, memory_format=torch.contiguous_format)  # read, never written
+        # read, never written; contiguous (NCCL needs it; .to() returns grad itself
+        # when the dtype matches, even with a memory_format)
+        total = grad.to(acc).contiguous()
         mine = total.new_empty((total.shape[0] // world_size(), *total.shape[1:]))
         # reduce_scatter_single (torch >= 2.14) is reduce_scatter_tensor renamed.
         (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(mine, total)

@@ -42,7 +42,7 @@ def _worker(rank, world):
     results["bf16_grad"] = x.grad
     # The gradient autograd hands the backward is read, never written; any layout.
     x = torch.randn(N, D, dtype=torch.float64).t().requires_grad_()  # non-contiguous
-    grad = torch.arange(world * D * N, dtype=torch.float64).view(world * D, N)
+    grad = torch.arange(world * D * N, dtype=torch.float64).view(N, world * D).t()  # too
     kept = grad.clone()
     distributed.gather(x).backward(grad)
     results["grad_kept"] = torch.equal(grad, kept)
@@ -78,7 +78,7 @@ def test_gather_distributed_equals_one_process(world, tmp_path):
         assert res["bf16_grad"].dtype == torch.bfloat16
         assert torch.equal(res["bf16_grad"], torch.full((N, D), bf16_sum.item(),
                                                         dtype=torch.bfloat16))
-    grad = torch.arange(world * D * N, dtype=torch.float64).view(world * D, N)
+    grad = torch.arange(world * D * N, dtype=torch.float64).view(N, world * D).t()
     for r, res in enumerate(per_rank):
         assert res["grad_kept"]
         torch.testing.assert_close(res["grad_rows"], world * grad[r * D:(r + 1) * D],
@@ -120,3 +120,22 @@ def test_device_tensors_are_checked_at_their_first_gather_only(monkeypatch):
     for x in [torch.empty(4, 3, device="meta")] * 3 + [torch.empty(4, 3)] * 2:
         distributed._check_same_shape(x)
     assert calls == ["meta", "cpu", "cpu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_backward_hands_the_collective_contiguous_tensors(monkeypatch, dtype):
+    """NCCL refuses non-contiguous tensors; a gradient reaching gather's backward may be
+    a transposed or expanded view (gloo accepts those, so the gloo test cannot tell)."""
+    seen = []
+
+    def fake_reduce_scatter(out, inp):
+        seen.append((out.is_contiguous(), inp.is_contiguous(), inp.dtype))
+        out.copy_(inp[:len(out)])
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        monkeypatch.setattr(distributed.dist, name, fake_reduce_scatter, raising=False)
+    for grad in (torch.randn(3, 4).t().to(dtype), torch.ones(1, 3).to(dtype).expand(4, 3)):
+        mine = distributed._GatherWithGrad.backward(None, grad)
+        assert torch.equal(mine, grad[:2]) and mine.dtype == dtype
+    assert seen == [(True, True, torch.float32)] * 2
