@@ -5,6 +5,9 @@ With one process (or torch.distributed not initialized) every helper is the
 identity, so single-GPU and CPU code need no special case.
 """
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -19,6 +22,19 @@ def rank():
 
 def world_size():
     return dist.get_world_size() if is_distributed() else 1
+
+
+def exit_process(status):
+    """Flushes stdout and stderr and ends the process at once, skipping Python's
+    finalization. A process that ran a gloo group ends this way: a gloo worker
+    thread may still be releasing its last collective's tensors after the caller
+    saw it complete, and releasing them takes the GIL; if the interpreter is
+    finalizing by then, the thread is unwound through a noexcept frame and the
+    process aborts (SIGABRT, "terminate called without an active exception",
+    intermittent: it failed a CI run of the gloo tests)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 _GATHERS = {}  # this process's gathers per device type; every rank makes the same ones

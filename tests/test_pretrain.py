@@ -302,6 +302,12 @@ def test_a_rank_failing_alone_under_nccl_exits_without_destroying(tmp_path, monk
     with pytest.raises(OSError):
         main(_args("simclr", tmp_path / "r2"))
     assert calls == ["destroy"]
+    # gloo, success: destroy, then end the process without finalization (exit_process)
+    monkeypatch.setattr(train, "_train", lambda *args: 0)
+    calls.clear()
+    with pytest.raises(SystemExit):
+        main(_args("simclr", tmp_path / "r4"))
+    assert calls == ["destroy", ("exit", 0)]
 
 
 @pytest.mark.cuda

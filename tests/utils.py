@@ -85,6 +85,8 @@ def spawn_gloo(worker, world, tmp_path):
 def _gloo_entry(rank, worker, world, out_dir):
     import torch.distributed as dist
 
+    from sslfast import distributed
+
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'init')}",
                             rank=rank, world_size=world)
     try:
@@ -92,6 +94,7 @@ def _gloo_entry(rank, worker, world, out_dir):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    distributed.exit_process(0)  # not through finalization: see its docstring
 
 
 def assert_no_host_sync(fn):

@@ -167,14 +167,15 @@ def pretrain(args):
                 print_user_error(exc)
             else:
                 traceback.print_exc()
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(2 if isinstance(exc, USER_ERRORS) else 1)
+            distributed.exit_process(2 if isinstance(exc, USER_ERRORS) else 1)
         if owns_group:
             dist.destroy_process_group()
         raise
     if owns_group:
+        gloo = dist.get_backend() == "gloo"
         dist.destroy_process_group()
+        if gloo:  # its worker threads may outlive the group (see exit_process)
+            distributed.exit_process(result)
     return result
 
 
