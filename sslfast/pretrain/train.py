@@ -133,6 +133,9 @@ def _build_method(s, device):
 
 
 def pretrain(args):
+    """Trains as the parsed command line says; returns the exit status. Under
+    torchrun on CPU (a gloo group it made) it does not return: the process ends
+    with that status after the group is destroyed (distributed.exit_process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     s = settings_from_args(args, world)
     device_type = _device(s["device"])
