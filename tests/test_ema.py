@@ -173,6 +173,9 @@ def test_targets_sharing_memory_are_refused(backend):
              backend=backend)
     with pytest.raises(ValueError, match=r"targets\[0\] and targets\[1\] share memory"):
         ema_([m[1:3], m[:2]], [torch.randn(2, 6), torch.randn(2, 6)], 0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"targets\[0\] and targets\[1\] share memory"):
+        ema_([m[2:].t(), m[:3].t()], [torch.randn(6, 2), torch.randn(6, 3)], 0.5,
+             backend=backend)  # dense in another order (transposed) compare exactly too
     assert torch.equal(t, kept[0]) and torch.equal(m, kept[1]), "a rejected call changes nothing"
     _check_update([m[:, 0], m[:, 1], m[2:, 2:]], [torch.randn(4), torch.randn(4),
                                                   torch.randn(2, 4)], 0.5, backend=backend)

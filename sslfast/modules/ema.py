@@ -60,11 +60,11 @@ def _slots(model):
         for name, p in mod._parameters.items():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
-                out.setdefault(pre + name, _Slot(mod, name, True))
+                out[pre + name] = _Slot(mod, name, True)
         for name, b in mod._buffers.items():
             if b is not None and name not in mod._non_persistent_buffers_set and id(b) not in seen:
                 seen.add(id(b))
-                out.setdefault(pre + name, _Slot(mod, name, False))
+                out[pre + name] = _Slot(mod, name, False)
     return out
 
 

@@ -103,8 +103,14 @@ def check_lists(targets, sources):
 
 
 def _dense(t):
-    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    return t.is_contiguous() or channels_last
+    """ATen's is_non_overlapping_and_dense: the elements fill one span, in some order
+    of the dims (contiguous, channels-last, transposed, ...)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def check_disjoint_targets(targets):
