@@ -48,6 +48,19 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _cuda_emu(request):
+    """A test marked cuda_emu runs the ops' CUDA code under the CPU emulator
+    (tests/cuda_emu), its blocks and threads in an order shuffled with the test's seed."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    from tests import cuda_emu
+
+    with cuda_emu.emulate(seed=zlib.crc32(request.node.nodeid.encode()) | 1) as ops:
+        yield ops
+
+
 @pytest.fixture
 def tf32():
     """torch's fp32 matmul precision set to TF32 for the test (the kernels follow it)."""

@@ -15,6 +15,13 @@ TOLERANCES = {
 }
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# Ops with CUDA C++ kernels also run them on the CPU under the emulator of
+# tests/cuda_emu: the test sees CPU tensors (device "cpu"), and tests/conftest.py
+# routes torch.ops.sslfast.* to the emulated CUDA code for a test with this mark.
+CUDA_EMU = pytest.param("cpu", marks=pytest.mark.cuda_emu, id="cuda_emu")
+KERNEL_DEVICES = DEVICES + [CUDA_EMU]
+# The CUDA kernels: on a GPU, and emulated.
+CUDA_KERNEL_DEVICES = [DEVICES[1], CUDA_EMU]
 
 # Where the Triton kernels run: the GPU, else CPU tensors under the interpreter (which
 # tests/conftest.py chooses before triton is imported).

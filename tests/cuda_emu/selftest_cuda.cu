@@ -1,0 +1,120 @@
+// Kernels for tests/test_cuda_emu.py, built into the emulator's library beside the
+// rewritten csrc kernels: a correct one the emulator must run exactly, and one of
+// each defect it must report (a race on shared memory, a __syncthreads that not
+// every thread reaches, shared memory beyond the limit, a read past a tensor).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int kThreads = 128;
+
+// Sum of x per block: a tree in shared memory down to one warp, then shuffles.
+__global__ void _sum_kernel(const float* x, int64_t n, float* out) {
+  __shared__ float part[kThreads];
+  float s = 0.f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads)
+    s += x[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = kThreads / 2; w >= 32; w /= 2) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x < 32) {
+    float v = part[threadIdx.x];
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (threadIdx.x == 0) out[blockIdx.x] = v;
+  }
+}
+
+// Each thread stores its element, then loads its neighbour's: a race without the barrier.
+__global__ void _neighbour_kernel(const float* x, bool sync, float* out) {
+  __shared__ float slot[kThreads];
+  slot[threadIdx.x] = x[threadIdx.x];
+  if (sync) __syncthreads();
+  out[threadIdx.x] = slot[(threadIdx.x + 1) % kThreads];
+}
+
+__global__ void _early_return_kernel(int64_t n_return, float* out) {
+  if (threadIdx.x < n_return) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void _dynamic_smem_kernel(int64_t n, float* out) {
+  extern __shared__ float buffer[];
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) buffer[i] = static_cast<float>(i);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += buffer[i];
+    out[0] = s;
+  }
+}
+
+// Reads x[n]: one element past the tensor.
+__global__ void _read_past_kernel(const float* x, int64_t n, float* out) {
+  if (threadIdx.x == 0) out[0] = x[n];
+}
+
+at::Tensor sum(const at::Tensor& x) {
+  const at::Tensor xc = x.contiguous();
+  const int blocks = 3;
+  at::Tensor out = at::empty({blocks}, x.options());
+  _sum_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      xc.data_ptr<float>(), xc.numel(), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out.sum();
+}
+
+at::Tensor neighbour(const at::Tensor& x, bool sync) {
+  TORCH_CHECK(x.numel() == kThreads && x.is_contiguous());
+  at::Tensor out = at::empty_like(x);
+  _neighbour_kernel<<<1, kThreads>>>(x.data_ptr<float>(), sync, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor early_return(const at::Tensor& like, int64_t n_return) {
+  at::Tensor out = at::zeros({kThreads}, like.options());
+  _early_return_kernel<<<1, kThreads>>>(n_return, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor dynamic_smem(const at::Tensor& like, int64_t n, bool opt_in) {
+  at::Tensor out = at::empty({1}, like.options());
+  const size_t bytes = sizeof(float) * n;
+  if (opt_in)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(_dynamic_smem_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  _dynamic_smem_kernel<<<1, kThreads, bytes>>>(n, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor read_past(const at::Tensor& x) {
+  at::Tensor out = at::empty({1}, x.options());
+  _read_past_kernel<<<1, 32>>>(x.data_ptr<float>(), x.numel(), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sslfast_emu, m) {
+  m.def("_selftest_sum(Tensor x) -> Tensor");
+  m.def("_selftest_neighbour(Tensor x, bool sync) -> Tensor");
+  m.def("_selftest_early_return(Tensor like, int n_return) -> Tensor");
+  m.def("_selftest_dynamic_smem(Tensor like, int n, bool opt_in) -> Tensor");
+  m.def("_selftest_read_past(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sslfast_emu, CPU, m) {
+  m.impl("_selftest_sum", &sum);
+  m.impl("_selftest_neighbour", &neighbour);
+  m.impl("_selftest_early_return", &early_return);
+  m.impl("_selftest_dynamic_smem", &dynamic_smem);
+  m.impl("_selftest_read_past", &read_past);
+}
