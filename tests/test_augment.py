@@ -1,6 +1,8 @@
 """The fused augmentation (sslfast.functional.augment) against the definition:
 torchvision.transforms.v2.functional per sample (SEMANTICS.md §6)."""
 
+import re
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ from sslfast.augment import (
 )
 from sslfast.functional import augment
 from sslfast.reference import augment_reference
-from tests.utils import DEVICES
+from tests import cuda_emu
+from tests.utils import KERNEL_DEVICES
 
 OFF = AugmentConfig(output_size=32, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
                     solarize_p=0.0)
@@ -64,14 +67,14 @@ needs_kernels = pytest.mark.skipif(not _extension.has_cpu_kernels(), reason="no 
 
 
 @needs_kernels
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("op", list(SUB_OPS))
 def test_each_sub_op_alone(op, device):
     _check(OFF.replace(**SUB_OPS[op]), 8, seed=len(op), device=device)
 
 
 @needs_kernels
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("seed", range(4))
 def test_whole_pipeline_random_sizes_and_parameters(seed, device):
     cfg = simclr_config(output_size=40).replace(solarize_p=0.5, blur_p=0.7)
@@ -79,7 +82,7 @@ def test_whole_pipeline_random_sizes_and_parameters(seed, device):
 
 
 @needs_kernels
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_blur_kernels_beyond_the_haloed_tile(device):
     """Blur kernels above 45 taps (CUDA: two passes over global memory, not the
     haloed tile), in a batch of blurred and unblurred, solarized, contrast-adjusted
@@ -91,21 +94,37 @@ def test_blur_kernels_beyond_the_haloed_tile(device):
 
 
 @needs_kernels
-def test_float_inputs_batch_tensor_and_output_layouts():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_float_inputs_batch_tensor_and_output_layouts(device):
     cfg = simclr_config(output_size=24, dtype=torch.bfloat16, channels_last=True)
     imgs, sizes = _batch(6, 5, lo=30, hi=31, dtype=torch.float32)  # one size: a batch tensor
     batch = torch.stack(imgs)
     params = sample_params(6, sizes, cfg, torch.Generator().manual_seed(1))
-    out = augment(batch, params, cfg)
+    out = augment(batch.to(device), params.to(device), cfg)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     ref = augment_reference(batch, params, cfg.replace(dtype=torch.float32))
     assert _err01(out, ref, cfg) <= 2e-3 + 8e-3 * 3  # plus one bf16 rounding of values up to ~3
-    out16 = augment(batch, params, cfg.replace(dtype=torch.float16, channels_last=False))
+    out16 = augment(batch.to(device), params.to(device),
+                    cfg.replace(dtype=torch.float16, channels_last=False))
     assert out16.dtype == torch.float16 and out16.is_contiguous()
+    # uint8 images in an (H, W, C) layout: strided channels
+    hwc = (batch * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    cfg32 = cfg.replace(dtype=torch.float32, channels_last=False)
+    assert _err01(augment(hwc.to(device), params.to(device), cfg32),
+                  augment_reference(hwc.contiguous(), params, cfg32), cfg) <= 2e-3
+
+
+@pytest.mark.cuda_emu
+def test_cuda_emu_large_blur_over_many_samples():
+    """More samples than one block of the taps kernel makes taps for (256)."""
+    cfg = simclr_config(output_size=24).replace(blur_kernel_size=47, blur_p=1.0)
+    with cuda_emu.emulate() as ops:
+        _check(cfg, 260, seed=2)
+        assert "_augment_taps_kernel grid=(2,1,1)" in ops._launches()
 
 
 @needs_kernels
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_same_parameters_same_output_bitwise(device):
     cfg = simclr_config(output_size=32)
     imgs, sizes = _batch(8, 9)
@@ -118,6 +137,39 @@ def test_same_parameters_same_output_bitwise(device):
     b = SimCLRAugment(32)(imgs, torch.Generator().manual_seed(4))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], a[1])  # two views, independent parameters
+
+
+@pytest.mark.cuda_emu
+def test_cuda_emu_haloed_blur_fits_every_target_gpu():
+    """The largest blur kernel that takes the haloed tile (45 taps) opts into the
+    shared memory of sm_86/sm_89 (99 KiB, the least of the GPUs the kernel is written
+    for); 47 taps take the two passes over global memory."""
+    for taps, haloed in ((45, True), (47, False)):
+        cfg = simclr_config(output_size=36).replace(blur_kernel_size=taps, blur_p=1.0)
+        with cuda_emu.emulate(optin_smem_bytes=cuda_emu.SM86_SMEM) as ops:
+            _check(cfg, 3, seed=taps)
+            launches = ops._launches()
+        assert ("_augment_blur_pass_kernel" in launches) != haloed, launches
+        smem = max(int(v) for v in re.findall(r"smem=(\d+)", launches))
+        assert (smem > 48 * 1024) == haloed, launches
+
+
+@pytest.mark.cuda_emu
+def test_cuda_emu_same_bits_in_any_order_and_close_to_the_cpu_kernel():
+    """Blocks and threads in four orders give the same bits (the contrast mean's
+    partials are summed in a fixed order; the halo is complete before it is read);
+    the result is the CPU kernel's but for the contrast mean's summation order."""
+    cfg = simclr_config(output_size=40).replace(solarize_p=0.5, blur_p=0.5)
+    imgs, sizes = _batch(12, 3)
+    p = sample_params(12, sizes, cfg, torch.Generator().manual_seed(3))
+    outs = []
+    for seed in (0, 1, 2, 3):
+        with cuda_emu.emulate(seed=seed):
+            outs.append(augment(imgs, p, cfg))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    with cuda_emu.native():
+        cpu = augment(imgs, p, cfg)
+    assert _err01(outs[0], cpu, cfg) <= 1e-5
 
 
 def test_presets_make_all_views():

@@ -9,8 +9,11 @@ from torch import nn
 import sslfast
 from sslfast.functional import ema_
 from sslfast.reference import ema_reference
+from tests import cuda_emu
 from tests.utils import (
+    CUDA_KERNEL_DEVICES,
     DEVICES,
+    KERNEL_DEVICES,
     assert_no_host_sync,
     assert_parity,
     random_tensor,
@@ -53,7 +56,7 @@ def _check_update(targets, sources, decay, backend="auto"):
         assert torch.equal(s, s0), "sources must not be modified"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parity_with_reference(device, pair, layout):
@@ -61,14 +64,14 @@ def test_parity_with_reference(device, pair, layout):
     _check_update(targets, sources, 0.9)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("decay", [0.0, 0.3, 0.5, 0.7, 0.999, 0.9999, 1.0])
 def test_decay_values(device, decay):
     targets, sources = _lists([(257,), (3, 33)], (torch.float32, torch.float32), device)
     _check_update(targets, sources, decay)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
 def test_decay_bounds_are_exact(device, pair):
     targets, sources = _lists([(1000,)], pair, device)
@@ -79,7 +82,7 @@ def test_decay_bounds_are_exact(device, pair):
     assert torch.equal(targets[0], sources[0].to(targets[0].dtype)), "decay=0 copies the source"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_channels_last_and_mixed_layouts(device):
     pair = (torch.float32, torch.bfloat16)
     t = random_tensor((4, 6, 5, 3), torch.float32, device, "channels_last")
@@ -91,7 +94,7 @@ def test_channels_last_and_mixed_layouts(device):
     del pair
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_many_tensors(device):
     """Hundreds of tensors of mixed sizes and dtype pairs in one call."""
     gen = torch.Generator().manual_seed(0)
@@ -105,7 +108,7 @@ def test_many_tensors(device):
     _check_update(targets, sources, 0.99)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_same_tensor_as_target_and_source(device):
     t = random_tensor((100,), torch.float32, device)
     t0 = t.clone()
@@ -113,7 +116,7 @@ def test_same_tensor_as_target_and_source(device):
     torch.testing.assert_close(t, t0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("decay_dtype", [torch.float32, torch.float64])
 def test_decay_tensor(device, decay_dtype):
     targets, sources = _lists([(1001,), (7, 3)], (torch.float32, torch.float32), device)
@@ -306,12 +309,38 @@ def test_cuda_mixed_devices_are_a_clear_error():
         torch.ops.sslfast.ema_([cpu], [cpu.clone()], torch.tensor(0.5, device="cuda"), 0.0)
 
 
-@pytest.mark.cuda
-def test_cuda_many_launches():
-    """More tensors and chunks than one launch's table holds (64 tensors, 320 blocks)."""
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_cuda_many_launches(device, _cuda_emu):
+    """More tensors and chunks than one launch's table holds (64 tensors, 320 blocks),
+    a tensor cut between two launches; emulated, the same bits as the CPU kernel."""
     shapes = [(65536 * 330 + 5,)] + [(int(n),) for n in torch.randint(1, 200_000, (200,))]
-    targets, sources = _lists(shapes, (torch.float32, torch.float16), "cuda")
+    targets, sources = _lists(shapes, (torch.float32, torch.float16), device)
+    before = [t.clone() for t in targets]
     _check_update(targets, sources, 0.999)
+    if _cuda_emu is None:
+        return
+    launches = _cuda_emu._launches().splitlines()
+    assert len(launches) >= 5, launches  # 64 tensors or 320 blocks each
+    with cuda_emu.native():
+        ema_(before, sources, 0.999)  # the CPU kernel
+    assert all(torch.equal(t, b) for t, b in zip(targets, before))
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.parametrize("decay_dtype", [torch.float32, torch.float64])
+def test_cuda_emu_decay_in_device_memory(decay_dtype):
+    """A decay tensor on the targets' device is read by the kernel (here the CPU
+    tensor counts as device memory), misaligned tensors take the scalar loop."""
+    t_base = random_tensor((70_002,), torch.float32, "cpu")
+    s_base = random_tensor((70_002,), torch.bfloat16, "cpu")
+    targets = [t_base[1:], random_tensor((3, 5), torch.float32, "cpu")[:, 1:]]
+    sources = [s_base[1:], random_tensor((3, 4), torch.bfloat16, "cpu")]
+    expected = [t.clone() for t in targets]
+    with cuda_emu.native():
+        ema_(expected, sources, float(torch.tensor(0.95, dtype=decay_dtype)))
+    with cuda_emu.emulate(cpu_tensors_are_host=False):
+        ema_(targets, sources, torch.tensor(0.95, dtype=decay_dtype))
+    assert all(torch.equal(t, e) for t, e in zip(targets, expected))
 
 
 @pytest.mark.cuda

@@ -11,7 +11,13 @@ from sslfast import _extension
 from sslfast.functional import enqueue_
 from sslfast.ops.enqueue import _enqueue_torch_
 from sslfast.reference import enqueue_reference
-from tests.utils import DEVICES, assert_no_host_sync, run_without_extension
+from tests import cuda_emu
+from tests.utils import (
+    CUDA_KERNEL_DEVICES,
+    KERNEL_DEVICES,
+    assert_no_host_sync,
+    run_without_extension,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -40,7 +46,7 @@ def _backends(device):
     return out
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("size", [1, 7, 64])
 def test_ring_matches_deque_model(device, size):
     """Over a long random sequence of batch sizes (0, N < K, N = K, N > K, N not
@@ -65,7 +71,7 @@ def test_ring_matches_deque_model(device, size):
             assert torch.equal(fifo, torch.stack(list(model))), backend
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_equals_reference(device, dtype, normalize):
@@ -90,7 +96,7 @@ def test_equals_reference(device, dtype, normalize):
             assert torch.equal(keys, keys_before)  # inputs untouched
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_normalized_rows_are_unit(device):
     queue, ptr = _fresh(16, 33, torch.float32, device)
     keys = torch.randn(16, 33, device=device) * 100
@@ -98,7 +104,7 @@ def test_normalized_rows_are_unit(device):
     torch.testing.assert_close(queue, F.normalize(keys, dim=1), rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_non_contiguous_keys(device):
     queue, ptr = _fresh(10, 6, torch.float32, device, 4)
     big = torch.randn(12, 7, device=device)
@@ -108,7 +114,7 @@ def test_non_contiguous_keys(device):
     assert torch.equal(queue, expected_q) and int(ptr) == expected_p
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_keys_requiring_grad_are_detached(device):
     queue, ptr = _fresh(8, 4, torch.float32, device)
     keys = torch.randn(3, 4, device=device, requires_grad=True)
@@ -196,21 +202,44 @@ def test_torch_compile_fullgraph(op):
     assert int(ptr) == expected_p
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
 @pytest.mark.parametrize("n", [3, 5000, 70000])
-def test_cuda_equals_cpu_large(n):
+def test_cuda_equals_cpu_large(n, device):
     """Many blocks (and the grid-stride loop past 1024 blocks); N > K wraps."""
-    size, dim = 65536, 128
+    # Emulated (each warp shuffle a switch of 32 threads): a smaller queue, still past
+    # 1024 blocks of 8 warps.
+    size, dim, start = (65536, 128, 60000) if device == "cuda" else (9000, 40, 5000)
     for dtype in (torch.float32, torch.bfloat16):
-        queue, ptr = _fresh(size, dim, dtype, "cpu", 60000)
+        queue, ptr = _fresh(size, dim, dtype, "cpu", start)
         keys = torch.randn(n, dim).to(dtype)
-        qc, pc = queue.cuda(), ptr.cuda()
-        enqueue_(queue, ptr, keys, normalize=True)
-        enqueue_(qc, pc, keys.cuda(), normalize=True)
+        qc, pc = queue.to(device, copy=True), ptr.to(device, copy=True)
+        with cuda_emu.native():
+            enqueue_(queue, ptr, keys, normalize=True)
+        enqueue_(qc, pc, keys.to(device), normalize=True)
         assert int(pc) == int(ptr)
         # the norm's sum is rounded in another order: an ulp of the result at most
         rtol = 2e-7 if dtype == torch.float32 else 2**-7
         torch.testing.assert_close(qc.cpu(), queue, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.cuda_emu
+def test_cuda_emu_same_bits_in_any_block_order():
+    """The blocks read the start slot through the pointer's arrival counter and the
+    last one stores the advanced pointer: the result, and the pointer (counter
+    cleared), do not depend on the order the blocks run in."""
+    size, dim = 300, 45
+    keys = torch.randn(250, dim)
+    results = []
+    queue0, _ = _fresh(size, dim, torch.float32, "cpu")
+    for seed in (0, 1, 2, 3):
+        queue, ptr = queue0.clone(), torch.tensor([290])
+        with cuda_emu.emulate(seed=seed) as ops:
+            enqueue_(queue, ptr, keys, normalize=True)
+            enqueue_(queue, ptr, keys[:7], normalize=True)
+            assert ops._launches().count("_enqueue_fwd_kernel") == 2
+        assert int(ptr) == (290 + 257) % size
+        results.append(queue)
+    assert all(torch.equal(q, results[0]) for q in results[1:])
 
 
 @pytest.mark.cuda
