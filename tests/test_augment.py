@@ -19,7 +19,7 @@ from sslfast.augment import (
 from sslfast.functional import augment
 from sslfast.reference import augment_reference
 from tests import cuda_emu
-from tests.utils import KERNEL_DEVICES
+from tests.utils import CUDA_KERNEL_DEVICES, KERNEL_DEVICES
 
 OFF = AugmentConfig(output_size=32, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
                     solarize_p=0.0)
@@ -234,16 +234,21 @@ def test_crop_box_outside_the_image_is_rejected(device):
         _pack(p, imgs, torch.device("meta"))
 
 
-@pytest.mark.cuda
-def test_cuda_box_outside_the_image_reads_inside():
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_cuda_box_outside_the_image_reads_inside(device, _cuda_emu):
     """Device-resident boxes are not checked (that would sync); one outside its
-    image reads the image's edge pixels, never memory beyond it."""
+    image reads the image's edge pixels, never memory beyond it (emulated: the CPU
+    boxes count as device memory, AddressSanitizer watches the reads)."""
     cfg = OFF.replace(output_size=8)
     img = torch.randint(0, 256, (1, 3, 12, 12), dtype=torch.uint8)
     p = sample_params(1, (12, 12), cfg, torch.Generator().manual_seed(0))
     for name, v in (("crop_top", 8), ("crop_left", -4), ("crop_height", 8), ("crop_width", 8)):
         getattr(p, name).fill_(v)
-    out = augment(img.cuda(), p.to("cuda"), cfg)
+    if _cuda_emu is None:
+        out = augment(img.to(device), p.to(device), cfg)
+    else:
+        with cuda_emu.emulate(cpu_tensors_are_host=False):
+            out = augment(img, p, cfg)
     ys, xs = (torch.arange(8) + 8).clamp(max=11), (torch.arange(8) - 4).clamp(min=0)
     clamped = img[:, :, ys][:, :, :, xs].contiguous()  # the box's pixels, edge-clamped
     for name, v in (("crop_top", 0), ("crop_left", 0)):

@@ -92,13 +92,27 @@ def load():
         out = build / f"{cu.stem}_emu.cpp"
         _write(out, f'#include "cuda_emu.h"\n#line 1 "{cu}"\n' + rewrite(cu.read_text()))
         sources.append(str(out))
-    flags = ["-O1", "-g", "-fno-omit-frame-pointer"]
+    # Headers the rewrite changes (a check on host memory, e.g.) are found first in
+    # include/; the others in csrc/.
+    include = build / "include"
+    for h in sorted((ROOT / "csrc").glob("*/*.h")):
+        text = h.read_text()
+        out = include / h.relative_to(ROOT / "csrc")
+        if rewrite(text) != text:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _write(out, f'#include "cuda_emu.h"\n#line 1 "{h}"\n' + rewrite(text))
+        elif out.exists():
+            out.unlink()
+    # Hidden: the library's inline functions (from the rewritten headers too) must
+    # not be bound to sslfast._C's of the same name.
+    flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fvisibility=hidden",
+             "-fvisibility-inlines-hidden"]
     ldflags = []
     if asan:
         flags.append("-fsanitize=address")
         ldflags.append("-fsanitize=address")
     cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=ldflags,
-                       extra_include_paths=[str(ROOT / "csrc"), str(HERE)],
+                       extra_include_paths=[str(include), str(ROOT / "csrc"), str(HERE)],
                        build_directory=str(build), is_python_module=False, verbose=False)
     return getattr(torch.ops, LIBRARY)
 
