@@ -32,6 +32,31 @@ def test_block_reduction_with_shuffles_is_exact():
 
 
 @pytest.mark.cuda_emu
+@pytest.mark.parametrize("mode, arg", [(0, 1), (0, 16), (0, 7), (1, 1), (1, 5), (2, 3), (3, 9),
+                                       (3, -1), (3, 40)])
+def test_warp_shuffles_follow_cuda(mode, arg):
+    """xor, down, up, indexed: a lane whose source is outside the warp keeps its
+    value (down, up); an indexed source is taken modulo 32 (its low 5 bits)."""
+    lane = torch.arange(32)
+    src = [lane ^ arg, lane + arg, lane - arg, torch.full((32,), arg & 31)][mode]
+    expected = torch.where((src >= 0) & (src < 32), src, lane).float()
+    assert torch.equal(cuda_emu.load()._selftest_shuffle(torch.empty(0), mode, arg), expected)
+
+
+@pytest.mark.cuda_emu
+def test_three_dimensional_grids_and_blocks_cover_every_thread_once():
+    out = cuda_emu.load()._selftest_index(torch.empty(0))
+    assert torch.equal(out, torch.arange(len(out)))
+
+
+def test_shared_memory_outside_a_function_body_is_refused():
+    """static or namespace-scope __shared__ would keep one storage for every block."""
+    for text in ("  static __shared__ float a[4];", "__shared__ int b;"):
+        with pytest.raises(RuntimeError, match="no rewrite for"):
+            cuda_emu.rewrite(text)
+
+
+@pytest.mark.cuda_emu
 def test_a_race_on_shared_memory_shows_in_the_schedule():
     """Without the barrier a thread may load its neighbour's slot before the
     neighbour stored it: it reads the fill (NaN), and which threads do depends on
@@ -74,10 +99,15 @@ def test_dynamic_shared_memory_limits():
 @pytest.mark.cuda_emu
 @pytest.mark.skipif(not cuda_emu.asan_preloaded(),
                     reason="AddressSanitizer not preloaded (make test runs these tests with it)")
-def test_addresssanitizer_reports_a_read_past_a_tensor():
-    code = ("import torch; from tests import cuda_emu; "
-            "cuda_emu.load()._selftest_read_past(torch.ones(5))")
+@pytest.mark.parametrize("call, report", [
+    ("_selftest_read_past(torch.ones(5))", "heap-buffer-overflow"),
+    ("_selftest_stack_past(torch.ones(1), 4)", "stack-buffer-overflow"),  # after a barrier
+])
+def test_addresssanitizer_reports_an_access_past_a_tensor_or_a_local(call, report):
+    ops = cuda_emu.load()
+    assert float(ops._selftest_stack_past(torch.ones(1), 3)) == 0.0  # in bounds
+    code = f"import torch; from tests import cuda_emu; cuda_emu.load().{call}"
     run = subprocess.run([sys.executable, "-c", code], cwd=cuda_emu.ROOT, env=dict(os.environ),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode != 0
-    assert "heap-buffer-overflow" in run.stderr and "selftest_cuda.cu" in run.stderr, run.stderr
+    assert report in run.stderr and "selftest_cuda.cu" in run.stderr, run.stderr

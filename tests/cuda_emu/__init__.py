@@ -39,10 +39,12 @@ def asan_preloaded():
 def rewrite(source):
     """A .cu file's text for the emulator; lines keep their numbers."""
     s = re.sub(r"#include <c10/cuda/[^>]+>", "", source)
-    s = re.sub(r"extern __shared__ (\w+) (\w+)\[\];",
-               r"\1* \2 = ::cuda_emu::dynamic_shared<\1>();", s)
-    s = re.sub(r"__shared__ ([\w:]+) (\w+)((?:\[[^\]]+\])*);",
-               r"auto& \2 = ::cuda_emu::block_shared<\1\3, __COUNTER__>();", s)
+    # Only __shared__ declarations in a function body (indented, not static): the
+    # storage is looked up at each execution, so it is refreshed for each block.
+    s = re.sub(r"(?m)^([ \t]+)extern __shared__ (\w+) (\w+)\[\];",
+               r"\1\2* \3 = ::cuda_emu::dynamic_shared<\2>();", s)
+    s = re.sub(r"(?m)^([ \t]+)__shared__ ([\w:]+) (\w+)((?:\[[^\]]+\])*);",
+               r"\1auto& \3 = ::cuda_emu::block_shared<\2\4, __COUNTER__>();", s)
     s = _LAUNCH.sub(lambda m: f'::cuda_emu::Launch("{m.group(1)}", {m.group(2)})({m.group(1)}, ', s)
     s = re.sub(r"([\w.\[\]]+)\.device\(\)\.is_cpu\(\)", r"::cuda_emu::is_host(\1)", s)
     s = s.replace(".is_cuda()", ".is_cpu()")
@@ -117,21 +119,30 @@ def load():
     return getattr(torch.ops, LIBRARY)
 
 
+_settings = [(0, True, H100_SMEM)]  # the emulator's, innermost last
+
+
 @contextlib.contextmanager
-def emulate(seed=0, cpu_tensors_are_host=True, optin_smem_bytes=H100_SMEM):
+def emulate(seed=None, cpu_tensors_are_host=True, optin_smem_bytes=H100_SMEM):
     """torch.ops.sslfast.<op> runs the emulated CUDA code for CPU tensors.
 
     seed: 0 runs blocks and threads in index order, else in an order shuffled
-    with it. cpu_tensors_are_host=False makes a CPU tensor count as device memory
+    with it; None keeps the enclosing ``emulate``'s (tests/conftest.py opens one
+    with the test's seed for a test marked cuda_emu), 0 outside any.
+    cpu_tensors_are_host=False makes a CPU tensor count as device memory
     where the host code asks (e.g. an EMA decay tensor read by the kernel).
     optin_smem_bytes: the most dynamic shared memory a kernel may opt into.
-    Yields torch.ops.sslfast_emu (its ``_launches()`` lists the launches made).
+    The enclosing settings return on exit. Yields torch.ops.sslfast_emu (its
+    ``_launches()`` lists the launches made).
     """
     from sslfast import _extension
 
     _extension.extension()  # registers torch.ops.sslfast.*
     ops = load()
-    ops._configure(seed, cpu_tensors_are_host, optin_smem_bytes)
+    settings = (_settings[-1][0] if seed is None else seed, cpu_tensors_are_host,
+                optin_smem_bytes)
+    _settings.append(settings)
+    ops._configure(*settings)
     names = op_names()
     saved = {n: getattr(torch.ops.sslfast, n) for n in names}
     try:
@@ -141,6 +152,8 @@ def emulate(seed=0, cpu_tensors_are_host=True, optin_smem_bytes=H100_SMEM):
     finally:
         for n, packet in saved.items():
             setattr(torch.ops.sslfast, n, packet)
+        _settings.pop()
+        ops._configure(*_settings[-1])
 
 
 @contextlib.contextmanager

@@ -19,6 +19,18 @@
 // so reading it before writing it shows. The order of the blocks, and of the
 // threads between barriers, can be shuffled (configure's seed): a result that
 // depends on it is a race.
+//
+// Not modelled (a kernel relying on these can pass here and fail on a GPU): code
+// between two barriers runs without interleaving (a non-atomic read-modify-write
+// race within it never loses an update), warps of a block are released together
+// (one warp never runs ahead of another between __syncthreads), blocks run in
+// turn (no race across blocks, __threadfence is a no-op), host and device memory
+// are one, static __shared__ does not count toward the shared memory limit,
+// __launch_bounds__ and registers are ignored, __CUDA_ARCH__ branches and nvcc's
+// floating-point contraction are not run. Refused rather than modelled: warp
+// operations on part of a warp while the rest waits elsewhere, lanes of one warp
+// at different warp operations, spin-waits (threads are never pre-empted: hangs).
+// One op at a time: the state is process-wide.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,6 +50,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -187,6 +200,8 @@ inline bool release_warp(int first, int n_threads) {
       fail("warp operation with mask " + std::to_string(f.mask) + " but lanes " +
            std::to_string(live) + " are there");
     if (f.width != kWarpSize) fail("warp shuffles narrower than the warp are not emulated");
+    const Fiber& lead = r.fibers[first + __builtin_ctz(live)];
+    if (f.op != lead.op) fail("lanes of one warp at different warp operations");
   }
   for (int i = first; i < last; ++i) {
     Fiber& f = r.fibers[i];
@@ -198,7 +213,7 @@ inline bool release_warp(int first, int n_threads) {
       case WarpOp::ShflXor: src = lane ^ f.arg; break;
       case WarpOp::ShflDown: src = lane + f.arg; break;
       case WarpOp::ShflUp: src = lane - f.arg; break;
-      case WarpOp::ShflIdx: src = f.arg % kWarpSize; break;
+      case WarpOp::ShflIdx: src = static_cast<int>(static_cast<unsigned>(f.arg) % kWarpSize); break;
     }
     if (src < 0 || src >= kWarpSize) src = lane;  // out of the warp: the thread's own value
     if (!(live >> src & 1u)) fail("a shuffle reads lane " + std::to_string(src) + ", not in the mask");
@@ -224,6 +239,10 @@ inline void run_block(int n_threads) {
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &r.sched;
     makecontext(&f.ctx, fiber_entry, 0);
+    // AddressSanitizer's swapcontext clears the poison of the stack a context names
+    // at every switch, which would hide overflows of locals after a barrier; the
+    // context keeps its stack pointer, the size is not needed past makecontext.
+    f.ctx.uc_stack.ss_size = 0;
     f.wait = Wait::Runnable;
   }
   r.stacks_dirty = false;

@@ -1,7 +1,8 @@
 // Kernels for tests/test_cuda_emu.py, built into the emulator's library beside the
 // rewritten csrc kernels: a correct one the emulator must run exactly, and one of
 // each defect it must report (a race on shared memory, a __syncthreads that not
-// every thread reaches, shared memory beyond the limit, a read past a tensor).
+// every thread reaches, shared memory beyond the limit, a read past a tensor or a
+// local array).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -56,6 +57,35 @@ __global__ void _dynamic_smem_kernel(int64_t n, float* out) {
   }
 }
 
+// One warp: out[lane] = the value (the lane) that shuffle `mode` gives it.
+__global__ void _shuffle_kernel(int64_t mode, int arg, float* out) {
+  const float v = static_cast<float>(threadIdx.x);
+  float r = v;
+  if (mode == 0) r = __shfl_xor_sync(0xffffffffu, v, arg);
+  if (mode == 1) r = __shfl_down_sync(0xffffffffu, v, static_cast<unsigned>(arg));
+  if (mode == 2) r = __shfl_up_sync(0xffffffffu, v, static_cast<unsigned>(arg));
+  if (mode == 3) r = __shfl_sync(0xffffffffu, v, arg);
+  out[threadIdx.x] = r;
+}
+
+// Each thread of a 3-D grid of 3-D blocks writes its flat index at its flat index.
+__global__ void _index_kernel(int64_t* out) {
+  const int64_t block = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +
+                        blockIdx.x;
+  const int64_t thread = (static_cast<int64_t>(threadIdx.z) * blockDim.y + threadIdx.y) *
+                             blockDim.x + threadIdx.x;
+  const int64_t i = block * blockDim.x * blockDim.y * blockDim.z + thread;
+  out[i] = i;
+}
+
+// Writes local[n] after a barrier: past a local array when n >= 4.
+__global__ void _stack_past_kernel(int64_t n, float* out) {
+  volatile float local[4] = {0.f, 0.f, 0.f, 0.f};
+  __syncthreads();
+  local[n] = 1.f;
+  if (threadIdx.x == 0) out[0] = local[0];
+}
+
 // Reads x[n]: one element past the tensor.
 __global__ void _read_past_kernel(const float* x, int64_t n, float* out) {
   if (threadIdx.x == 0) out[0] = x[n];
@@ -95,6 +125,25 @@ at::Tensor dynamic_smem(const at::Tensor& like, int64_t n, bool opt_in) {
   return out;
 }
 
+at::Tensor shuffle(const at::Tensor& like, int64_t mode, int64_t arg) {
+  at::Tensor out = at::empty({32}, like.options());
+  _shuffle_kernel<<<1, 32>>>(mode, static_cast<int>(arg), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor flat_index(const at::Tensor& like) {
+  const dim3 grid(3, 2, 2), block(4, 2, 3);
+  at::Tensor out = at::full({3 * 2 * 2 * 4 * 2 * 3}, -1, like.options().dtype(at::kLong));
+  _index_kernel<<<grid, block>>>(out.data_ptr<int64_t>());
+  return out;
+}
+
+at::Tensor stack_past(const at::Tensor& like, int64_t n) {
+  at::Tensor out = at::empty({1}, like.options());
+  _stack_past_kernel<<<1, 32>>>(n, out.data_ptr<float>());
+  return out;
+}
+
 at::Tensor read_past(const at::Tensor& x) {
   at::Tensor out = at::empty({1}, x.options());
   _read_past_kernel<<<1, 32>>>(x.data_ptr<float>(), x.numel(), out.data_ptr<float>());
@@ -108,6 +157,9 @@ TORCH_LIBRARY_FRAGMENT(sslfast_emu, m) {
   m.def("_selftest_neighbour(Tensor x, bool sync) -> Tensor");
   m.def("_selftest_early_return(Tensor like, int n_return) -> Tensor");
   m.def("_selftest_dynamic_smem(Tensor like, int n, bool opt_in) -> Tensor");
+  m.def("_selftest_shuffle(Tensor like, int mode, int arg) -> Tensor");
+  m.def("_selftest_index(Tensor like) -> Tensor");
+  m.def("_selftest_stack_past(Tensor like, int n) -> Tensor");
   m.def("_selftest_read_past(Tensor x) -> Tensor");
 }
 
@@ -116,5 +168,8 @@ TORCH_LIBRARY_IMPL(sslfast_emu, CPU, m) {
   m.impl("_selftest_neighbour", &neighbour);
   m.impl("_selftest_early_return", &early_return);
   m.impl("_selftest_dynamic_smem", &dynamic_smem);
+  m.impl("_selftest_shuffle", &shuffle);
+  m.impl("_selftest_index", &flat_index);
+  m.impl("_selftest_stack_past", &stack_past);
   m.impl("_selftest_read_past", &read_past);
 }
