@@ -73,6 +73,19 @@ def test_a_race_on_shared_memory_shows_in_the_schedule():
 
 
 @pytest.mark.cuda_emu
+def test_a_warp_may_run_ahead_of_another():
+    """Between two __syncthreads one warp may finish a shuffle and read shared
+    memory before another warp has stored to it: in some orders it reads the fill."""
+    ops = cuda_emu.load()
+    results = []
+    for seed in range(9):
+        with cuda_emu.emulate(seed=seed):
+            results.append(ops._selftest_warp_ahead(torch.empty(0)))
+    assert any(r.isnan().all() for r in results)  # warp 0 ahead
+    assert any(torch.equal(r, torch.full((32,), 42.0)) for r in results)  # warp 1 ahead
+
+
+@pytest.mark.cuda_emu
 def test_syncthreads_after_some_threads_returned_is_an_error():
     ops = cuda_emu.load()
     like = torch.empty(0)

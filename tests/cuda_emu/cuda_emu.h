@@ -10,7 +10,8 @@
 // Model: the blocks of a launch run one after another; the threads of a block run
 // as fibers (ucontext) on one OS thread, each until it reaches a barrier
 // (__syncthreads, a warp shuffle or __syncwarp) or returns; a barrier releases
-// when every thread it concerns has reached it. What a GPU would reject or leave
+// when every thread it concerns has reached it (a warp's at once: one warp may run
+// ahead of another between two __syncthreads). What a GPU would reject or leave
 // undefined is an error here: a __syncthreads that not every thread of the block
 // reaches, a warp operation whose mask does not name the warp's threads, a block
 // of more than 1024 threads, dynamic shared memory above 48 KiB without the
@@ -22,9 +23,7 @@
 //
 // Not modelled (a kernel relying on these can pass here and fail on a GPU): code
 // between two barriers runs without interleaving (a non-atomic read-modify-write
-// race within it never loses an update), warps of a block are released together
-// (one warp never runs ahead of another between __syncthreads), blocks run in
-// turn (no race across blocks, __threadfence is a no-op), host and device memory
+// race within it never loses an update), blocks run in turn (no race across blocks, __threadfence is a no-op), host and device memory
 // are one, static __shared__ does not count toward the shared memory limit,
 // __launch_bounds__ and registers are ignored, __CUDA_ARCH__ branches and nvcc's
 // floating-point contraction are not run. Refused rather than modelled: warp
@@ -40,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <map>
@@ -182,14 +182,15 @@ inline void resume(int i) {
   TORCH_CHECK(false, msg.str());
 }
 
-// Releases one warp whose live threads all wait at a warp operation.
-inline bool release_warp(int first, int n_threads) {
+// Releases the warp starting at thread `first` if its threads that have not
+// returned all wait at a warp operation; they join the back of `ready`.
+inline bool release_warp(int first, int n_threads, std::deque<int>& ready) {
   Runtime& r = rt();
   const int last = std::min(first + kWarpSize, n_threads);
   unsigned live = 0;
   for (int i = first; i < last; ++i) {
     const Wait w = r.fibers[i].wait;
-    if (w == Wait::Block) return false;
+    if (w == Wait::Block || w == Wait::Runnable) return false;
     if (w == Wait::Warp) live |= 1u << (i - first);
   }
   if (live == 0) return false;
@@ -219,8 +220,11 @@ inline bool release_warp(int first, int n_threads) {
     if (!(live >> src & 1u)) fail("a shuffle reads lane " + std::to_string(src) + ", not in the mask");
     f.out = r.fibers[first + src].in;
   }
-  for (int i = first; i < last; ++i)
-    if (r.fibers[i].wait == Wait::Warp) r.fibers[i].wait = Wait::Runnable;
+  for (int i = first; i < last; ++i) {
+    if (r.fibers[i].wait != Wait::Warp) continue;
+    r.fibers[i].wait = Wait::Runnable;
+    ready.push_back(i);
+  }
   return true;
 }
 
@@ -248,15 +252,22 @@ inline void run_block(int n_threads) {
   r.stacks_dirty = false;
   ++r.block_epoch;
   if (r.dynamic_smem_bytes) std::memset(r.dynamic_smem.get(), 0xFF, r.dynamic_smem_bytes);
-  std::vector<int> order(n_threads);
-  std::iota(order.begin(), order.end(), 0);
+  // Runnable threads: in order (seed 0) or picked at random. A warp goes on as soon
+  // as its last thread reaches its warp operation, so warps progress independently
+  // between two __syncthreads.
+  std::deque<int> ready(n_threads);
+  std::iota(ready.begin(), ready.end(), 0);
   for (;;) {
-    if (r.seed) std::shuffle(order.begin(), order.end(), r.rng);
-    for (int i : order)
-      if (r.fibers[i].wait == Wait::Runnable) resume(i);
-    if (r.error) {
-      r.stacks_dirty = true;
-      std::rethrow_exception(std::exchange(r.error, nullptr));
+    while (!ready.empty()) {
+      const size_t k = r.seed ? static_cast<size_t>(r.rng() % ready.size()) : 0;
+      const int i = ready[k];
+      ready.erase(ready.begin() + static_cast<std::ptrdiff_t>(k));
+      resume(i);
+      if (r.error) {
+        r.stacks_dirty = true;
+        std::rethrow_exception(std::exchange(r.error, nullptr));
+      }
+      if (r.fibers[i].wait == Wait::Warp) release_warp(i - i % kWarpSize, n_threads, ready);
     }
     int done = 0, at_block = 0;
     for (int i = 0; i < n_threads; ++i) {
@@ -265,10 +276,13 @@ inline void run_block(int n_threads) {
     }
     if (done == n_threads) return;
     bool released = false;
-    for (int w = 0; w < n_threads; w += kWarpSize) released |= release_warp(w, n_threads);
+    for (int w = 0; w < n_threads; w += kWarpSize) released |= release_warp(w, n_threads, ready);
     if (released) continue;
     if (at_block == n_threads) {
-      for (int i = 0; i < n_threads; ++i) r.fibers[i].wait = Wait::Runnable;
+      for (int i = 0; i < n_threads; ++i) {
+        r.fibers[i].wait = Wait::Runnable;
+        ready.push_back(i);
+      }
       continue;
     }
     if (at_block + done == n_threads)

@@ -40,6 +40,15 @@ __global__ void _neighbour_kernel(const float* x, bool sync, float* out) {
   out[threadIdx.x] = slot[(threadIdx.x + 1) % kThreads];
 }
 
+// Two warps, no __syncthreads: each shuffles, then warp 0 reads what thread 32
+// stores: 42 when warp 1 got there first, else the fill (NaN).
+__global__ void _warp_ahead_kernel(float* out) {
+  __shared__ float stored;
+  const float one = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  if (threadIdx.x == 32) stored = 42.f * one;
+  if (threadIdx.x < 32) out[threadIdx.x] = stored;
+}
+
 __global__ void _early_return_kernel(int64_t n_return, float* out) {
   if (threadIdx.x < n_return) return;
   __syncthreads();
@@ -108,6 +117,12 @@ at::Tensor neighbour(const at::Tensor& x, bool sync) {
   return out;
 }
 
+at::Tensor warp_ahead(const at::Tensor& like) {
+  at::Tensor out = at::empty({32}, like.options());
+  _warp_ahead_kernel<<<1, 64>>>(out.data_ptr<float>());
+  return out;
+}
+
 at::Tensor early_return(const at::Tensor& like, int64_t n_return) {
   at::Tensor out = at::zeros({kThreads}, like.options());
   _early_return_kernel<<<1, kThreads>>>(n_return, out.data_ptr<float>());
@@ -155,6 +170,7 @@ at::Tensor read_past(const at::Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(sslfast_emu, m) {
   m.def("_selftest_sum(Tensor x) -> Tensor");
   m.def("_selftest_neighbour(Tensor x, bool sync) -> Tensor");
+  m.def("_selftest_warp_ahead(Tensor like) -> Tensor");
   m.def("_selftest_early_return(Tensor like, int n_return) -> Tensor");
   m.def("_selftest_dynamic_smem(Tensor like, int n, bool opt_in) -> Tensor");
   m.def("_selftest_shuffle(Tensor like, int mode, int arg) -> Tensor");
@@ -166,6 +182,7 @@ TORCH_LIBRARY_FRAGMENT(sslfast_emu, m) {
 TORCH_LIBRARY_IMPL(sslfast_emu, CPU, m) {
   m.impl("_selftest_sum", &sum);
   m.impl("_selftest_neighbour", &neighbour);
+  m.impl("_selftest_warp_ahead", &warp_ahead);
   m.impl("_selftest_early_return", &early_return);
   m.impl("_selftest_dynamic_smem", &dynamic_smem);
   m.impl("_selftest_shuffle", &shuffle);
