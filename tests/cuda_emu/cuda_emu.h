@@ -259,9 +259,13 @@ inline void run_block(int n_threads) {
   std::iota(ready.begin(), ready.end(), 0);
   for (;;) {
     while (!ready.empty()) {
-      const size_t k = r.seed ? static_cast<size_t>(r.rng() % ready.size()) : 0;
-      const int i = ready[k];
-      ready.erase(ready.begin() + static_cast<std::ptrdiff_t>(k));
+      int i = ready.front();
+      if (r.seed) {  // any runnable thread: take it out by swapping the front into its place
+        const size_t k = static_cast<size_t>(r.rng() % ready.size());
+        i = ready[k];
+        ready[k] = ready.front();
+      }
+      ready.pop_front();
       resume(i);
       if (r.error) {
         r.stacks_dirty = true;
