@@ -18,7 +18,7 @@ ASAN_PRELOAD ?= $(shell a=$$($(CC) -print-file-name=libasan.so); s=$$($(CC) -pri
 
 export MAX_JOBS CUDA_HOME
 
-.PHONY: venv build lint test test-cuda bench report clean
+.PHONY: venv build lint test test-cuda bench report clean device-versions
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,18 @@ test-cuda: $(VENV)/.test-deps build
 bench: $(VENV)/.bench-deps build
 	$(PY) -m sslfast.bench --check $(BENCH_ARGS)
 	$(PY) -m sslfast.bench.report
+
+# The GPU machine's versions (tools/device_versions.txt: torch 2.11, torchvision 0.26,
+# Triton 3.6) checked on this machine: HEAD cloned into $(DEVICE_CHECK), `make test`
+# there in a venv of those versions (the extension built against torch 2.11's headers,
+# the Triton tests under 3.6's interpreter), then every Triton kernel compiled for sm_90
+# by Triton 3.6. About 20 minutes on 2 cores; not part of `make test`.
+DEVICE_CHECK ?= build/device-versions
+device-versions:
+	rm -rf $(DEVICE_CHECK) && git clone -q . $(DEVICE_CHECK)
+	PIP_CONSTRAINT=$(CURDIR)/tools/device_versions.txt $(MAKE) -C $(DEVICE_CHECK) test \
+	    TORCH_SPEC="$$(grep '^torch==' tools/device_versions.txt)"
+	cd $(DEVICE_CHECK) && .venv/bin/python tools/compile_kernels.py --archs 90
 
 report: $(VENV)/.test-deps
 	$(PY) -m sslfast.bench.report

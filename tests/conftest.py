@@ -20,6 +20,31 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def _mend_triton36_interpreter():
+    """Triton 3.6 (the GPU machine's version, checked here by `make device-versions`)
+    has an interpreter that turns a scalar into an index with int() of its 1-element
+    array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted"):
+    every kernel with a runtime loop bound fails in it. Triton 3.7 squeezes the array
+    first; so does this mend, for the interpreter of Triton < 3.7 only."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return
+    import triton
+    from triton.runtime import interpreter
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_mend_triton36_interpreter()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """A test marked `triton` runs its Triton kernels on the GPU where there is one (so
