@@ -202,11 +202,11 @@ def test_pytest_benchmark_runs_the_same_benchmarks():
     assert "passed" in out.stdout and "sslfast" in out.stdout
 
 
-def test_cases_option_runs_only_the_matching_cases(monkeypatch, capsys, tmp_path):
+def test_cases_option_runs_only_the_matching_cases(capsys, tmp_path):
     import importlib
 
     module = importlib.import_module(OPS["contrastive"])
-    monkeypatch.setattr(module, "cases", module.cases)  # restored after the test
+    every = module.cases
     assert main(["--quick", "--ops", "contrastive", "--cases", "moco,float32", "--device", "cpu",
                  "--results", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "contrastive.jsonl")]
@@ -215,15 +215,11 @@ def test_cases_option_runs_only_the_matching_cases(monkeypatch, capsys, tmp_path
         main(["--quick", "--ops", "contrastive", "--cases", "no-such-case", "--device", "cpu",
               "--no-write"])
     assert "no case of ['contrastive'] matches" in capsys.readouterr().err
-    from sslfast.bench.__main__ import _keep_cases
-
-    class Op:
-        @staticmethod
-        def cases():
-            return [("ntxent", 8192, torch.bfloat16), ("ntxent", 819, torch.float16)]
-
-    _keep_cases(Op, ["float16"])
-    assert Op.cases() == [("ntxent", 819, torch.float16)]  # words, not substrings
+    assert module.cases is every  # the module is left as it was
+    cases = [("ntxent", 8192, torch.bfloat16), ("ntxent", 819, torch.float16)]
+    assert harness.selected(cases, ["float16"]) == [cases[1]]  # words, not substrings
+    assert harness.selected(cases, ["ntxent", "8192"]) == [cases[0]]
+    assert harness.selected(cases, None) == cases
 
 
 def test_report_merges_the_parts_of_one_commits_sweep():

@@ -20,7 +20,6 @@ clean commit.
 
 import argparse
 import importlib
-import re
 import sys
 
 import torch
@@ -64,36 +63,17 @@ def main(argv=None):
     if a.check_only:
         return 1 if failed else 0
     modules = {op: importlib.import_module(OPS[op]) for op in ops if op not in failed}
-    if a.cases:
-        for m in modules.values():
-            _keep_cases(m, a.cases.split(","))
-    total = sum(len(m.cases(device, a.quick)) for m in modules.values())
+    words = a.cases.split(",") if a.cases else None
+    total = sum(len(harness.selected(m.cases(device, a.quick), words)) for m in modules.values())
     if a.cases and not total:
         p.error(f"--cases {a.cases}: no case of {list(modules)} matches")
     progress = harness.Progress(total)
     ceil = harness.ceilings(device, a.quick) if modules else None
     for op, module in modules.items():
         print(f"==== {op} ====", flush=True)
-        module.run(device, a.quick, not a.no_write, progress=progress, ceil=ceil)
+        module.run(device, a.quick, not a.no_write, progress=progress, ceil=ceil, select=words)
     progress.close()
     return 1 if failed else 0
-
-
-def _keep_cases(module, texts):
-    """module.cases, from now on, keeps only the cases that hold every text as a
-    word of their text (a dotted word also by its last part: "float16" is
-    torch.float16, not torch.bfloat16). Each op's run() reads its cases through
-    that name."""
-    every = module.cases
-
-    def words(case):
-        out = set(re.findall(r"[\w.]+", str(case)))
-        return out | {w.rsplit(".", 1)[-1] for w in out}
-
-    def cases(*args, **kwargs):
-        return [c for c in every(*args, **kwargs) if set(texts) <= words(c)]
-
-    module.cases = cases
 
 
 def cli():

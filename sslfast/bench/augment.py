@@ -107,12 +107,12 @@ def providers(case, device):
     return out
 
 
-def run(device, quick=False, write=True, progress=None, ceil=None):
+def run(device, quick=False, write=True, progress=None, ceil=None, select=None):
     env = harness.environment(device)
     print(f"augment benchmark on {env['device']} (torch {env['torch']})")
     ceil = ceil or harness.ceilings(device, quick)
     records = []
-    for case in cases(device, quick):
+    for case in harness.selected(cases(device, quick), select):
         name, batch, size = case
         if progress:
             progress(f"{OP}: {name} B={batch} {size}px")

@@ -140,10 +140,10 @@ def _deterministic(step):
     return run
 
 
-def run(device, quick=False, write=True, progress=None, ceil=None):
+def run(device, quick=False, write=True, progress=None, ceil=None, select=None):
     env, ceil, peak_key = harness.matmul_bench_start(device, quick, OP, ceil)
     records = []
-    for case in cases(device, quick):
+    for case in harness.selected(cases(device, quick), select):
         kind, rows, d, k, dtype = case
         if progress:
             progress(f"{OP}: {kind} N={rows} D={d} {str(dtype)[6:]}")

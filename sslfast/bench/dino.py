@@ -96,10 +96,10 @@ def providers(case, device):
     return harness.backward_steps(out, student + groups)
 
 
-def run(device, quick=False, write=True, progress=None, ceil=None):
+def run(device, quick=False, write=True, progress=None, ceil=None, select=None):
     env, ceil = harness.bandwidth_bench_start(device, quick, "DINO loss", ceil)
     records = []
-    for case in cases(device, quick):
+    for case in harness.selected(cases(device, quick), select):
         n, k, dtype = case
         name = f"dino T={T} S={S} N={n} K={k}"
         if progress:

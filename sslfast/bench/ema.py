@@ -106,11 +106,12 @@ def _providers(model, case, device):
     return out, n, len(ts)
 
 
-def run(device, quick=False, write=True, progress=None, ceil=None, models=None):
+def run(device, quick=False, write=True, progress=None, ceil=None, models=None,
+        select=None):
     env, ceil = harness.bandwidth_bench_start(device, quick, "EMA", ceil)
     records = []
     bases = {}
-    for name, case in cases(device, quick, models):
+    for name, case in harness.selected(cases(device, quick, models), select):
         if progress:
             progress(f"{OP}: {name} {case}")
         if name not in bases:

@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -240,6 +241,20 @@ class Progress:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def selected(cases, words=None):
+    """The cases whose text (the case tuple as text) holds every word of ``words`` as
+    a word of its own, a dotted word also by its last part ("float16" is
+    torch.float16, not torch.bfloat16); all of them when ``words`` is None."""
+    if not words:
+        return list(cases)
+
+    def own(case):
+        out = set(re.findall(r"[\w.]+", str(case)))
+        return out | {w.rsplit(".", 1)[-1] for w in out}
+
+    return [c for c in cases if set(words) <= own(c)]
 
 
 def finish(op, records, write):

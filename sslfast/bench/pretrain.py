@@ -415,12 +415,12 @@ COLUMNS = ["provider", "images_per_s", "median_ms", "p20_ms", "p80_ms", "step_im
            "tflops", "pct_of_peak", "speedup_vs_reference", "oom"]
 
 
-def run(device, quick=False, write=True, progress=None, ceil=None):
+def run(device, quick=False, write=True, progress=None, ceil=None, select=None):
     env, ceil, peak_key = harness.matmul_bench_start(device, quick, OP, ceil)
     warmup, steps, chunk = schedule(device, quick)
     workers = num_workers()
     records = []
-    for case in cases(device, quick):
+    for case in harness.selected(cases(device, quick), select):
         name, batch, crop, width, height, n_images = case
         if progress:
             progress(f"{OP}: simclr {name} B={batch} {crop}px")

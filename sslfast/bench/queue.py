@@ -112,10 +112,10 @@ def count_host_syncs(fn):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def run(device, quick=False, write=True, progress=None, ceil=None):
+def run(device, quick=False, write=True, progress=None, ceil=None, select=None):
     env, ceil, peak_key = harness.matmul_bench_start(device, quick, OP, ceil)
     records = []
-    for case in cases(device, quick):
+    for case in harness.selected(cases(device, quick), select):
         n, k, d, dtype = case
         if progress:
             progress(f"{OP}: N={n} K={k} D={d} {str(dtype)[6:]}")
