@@ -106,6 +106,16 @@ def test_report_renders_from_a_fixture(tmp_path):
     assert "| ntxent: 2N=65536 D=128 | bfloat16 | OOM | OOM | 50 |" in readme_table
 
 
+def test_report_renders_the_results_on_record(tmp_path):
+    """What `python -m sslfast.bench.report` reads in the checkout: every op's file in
+    benchmarks/results, the acceptance run's lines (no provider) included."""
+    records = report.load(os.path.join(ROOT, "benchmarks", "results"))
+    assert {r["op"] for r in records} >= {"ema", "contrastive", report.PRETRAIN_RUN}
+    text = report.render_report(records, str(tmp_path / "REPORT.md"), str(tmp_path / "plots"))
+    assert f"### {report.PRETRAIN_RUN}" in text
+    assert "kNN accuracy" in report.render(records)
+
+
 def test_report_command_writes_report_and_readme(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
