@@ -71,7 +71,7 @@ bench: $(VENV)/.bench-deps build
 # Triton 3.6) checked on this machine: HEAD cloned into $(DEVICE_CHECK), `make test`
 # there in a venv of those versions (the extension built against torch 2.11's headers,
 # the Triton tests under 3.6's interpreter), then every Triton kernel compiled for sm_90
-# by Triton 3.6. About 20 minutes on 2 cores; not part of `make test`.
+# by Triton 3.6. Not part of `make test`.
 DEVICE_CHECK ?= build/device-versions
 device-versions:
 	rm -rf $(DEVICE_CHECK) && git clone -q . $(DEVICE_CHECK)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 def _mend_triton36_interpreter():
     """Triton 3.6 (the GPU machine's version, checked here by `make device-versions`)
     has an interpreter that turns a scalar into an index with int() of its 1-element
-    array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted"):
+    array, which NumPy refuses (2.4.6 here: "only 0-dimensional arrays can be converted"):
     every kernel with a runtime loop bound fails in it. Triton 3.7 squeezes the array
     first; so does this mend, for the interpreter of Triton < 3.7 only."""
     if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:

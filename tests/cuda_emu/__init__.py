@@ -21,7 +21,9 @@ import re
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.utils import ROOT as _ROOT
+
+ROOT = pathlib.Path(_ROOT)
 HERE = pathlib.Path(__file__).resolve().parent
 LIBRARY = "sslfast_emu"
 H100_SMEM = 227 * 1024  # opt-in dynamic shared memory per block, sm_90
