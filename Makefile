@@ -18,7 +18,7 @@ ASAN_PRELOAD ?= $(shell a=$$($(CC) -print-file-name=libasan.so); s=$$($(CC) -pri
 
 export MAX_JOBS CUDA_HOME
 
-.PHONY: venv build lint test test-cuda bench report clean device-versions
+.PHONY: venv build lint test test-cuda bench report clean device-versions dist-check
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ device-versions:
 	PIP_CONSTRAINT=$(CURDIR)/tools/device_versions.txt $(MAKE) -C $(DEVICE_CHECK) test \
 	    TORCH_SPEC="$$(grep '^torch==' tools/device_versions.txt)"
 	cd $(DEVICE_CHECK) && .venv/bin/python tools/compile_kernels.py --archs 90
+
+# The user's install path: an sdist of the tree, a wheel built from it alone (CPU
+# kernels), sslfast imported from that wheel outside the checkout (tools/dist_check.py).
+dist-check: $(VENV)/.ready
+	$(PY) tools/dist_check.py
 
 report: $(VENV)/.test-deps
 	$(PY) -m sslfast.bench.report

@@ -1,5 +1,6 @@
 """The package foundation: imports, backend choice."""
 
+import importlib.util
 import os
 
 import pytest
@@ -50,3 +51,19 @@ def test_resolve_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         resolve_backend("triton", cpu, "op", ("triton",))
+
+
+def test_sdist_holds_every_file_the_build_needs(tmp_path):
+    """An sdist of this tree holds the headers its sources include (MANIFEST.in):
+    without them `pip install sslfast-*.tar.gz` fails to compile. `make dist-check`
+    goes on to build a wheel from the sdist and run it."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("needs the git checkout (its file list)")
+    spec = importlib.util.spec_from_file_location(
+        "dist_check", os.path.join(ROOT, "tools", "dist_check.py"))
+    dist_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dist_check)
+    sdist, missing = dist_check.build_sdist(str(tmp_path))
+    assert os.path.isfile(sdist)
+    assert missing == []
+    assert "csrc/common/sslfast_common.h" in dist_check.needed_in_sdist(dist_check.tree_files())
