@@ -29,6 +29,9 @@ DTYPES = {"fp32": "*fp32", "tf32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # scalars fp32, the rest int32.
 INPUTS = {"q_ptr", "k_ptr", "x_ptr", "y_ptr", "t_ptr", "s0_ptr", "s1_ptr"}
 FLOATS = {"inv_ts", "coef", "one_exp_spread"}
+# Shared memory one block may opt into, per arch (bytes): a variant above it cannot
+# launch there (the autotuner skips such a config; a fixed one would fail).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def variants(quick):
@@ -136,6 +139,17 @@ def compile_variant(fn, dtype, constexprs, arch, num_warps=4, num_stages=3):
                    options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def describe(out, arch):
+    """The cubin's size, its shared memory against the arch's limit, and which
+    tensor-core instruction its dots became (sm_90's wgmma needs row tiles of 64)."""
+    ptx = out.asm.get("ptx", "")
+    dots = ("wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx
+            else "no mma")
+    shared = out.metadata.shared
+    over = " (over the limit)" if shared > SHARED_LIMIT.get(arch, shared) else ""
+    return f"{len(out.asm['cubin'])} B cubin, {shared} B shared{over}, {dots}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,7 +167,7 @@ def main(argv=None):
             try:
                 out = compile_variant(fn, dtype, consts, arch, *launch)
                 ok = bool(out.asm.get("cubin"))
-                msg = f"{len(out.asm['cubin'])} B cubin" if ok else "no cubin"
+                msg = describe(out, arch) if ok else "no cubin"
             except Exception as exc:  # noqa: BLE001 - report every failure
                 ok, msg = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             failed += not ok
