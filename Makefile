@@ -18,7 +18,7 @@ ASAN_PRELOAD ?= $(shell a=$$($(CC) -print-file-name=libasan.so); s=$$($(CC) -pri
 
 export MAX_JOBS CUDA_HOME
 
-.PHONY: venv build lint test test-cuda bench report clean device-versions dist-check
+.PHONY: venv build lint test test-cuda bench report clean device-versions min-versions dist-check
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -67,17 +67,23 @@ bench: $(VENV)/.bench-deps build
 	$(PY) -m sslfast.bench --check $(BENCH_ARGS)
 	$(PY) -m sslfast.bench.report
 
-# The GPU machine's versions (tools/device_versions.txt: torch 2.11, torchvision 0.26,
-# Triton 3.6) checked on this machine: HEAD cloned into $(DEVICE_CHECK), `make test`
-# there in a venv of those versions (the extension built against torch 2.11's headers,
-# the Triton tests under 3.6's interpreter), then every Triton kernel compiled for sm_90
-# by Triton 3.6. Not part of `make test`.
-DEVICE_CHECK ?= build/device-versions
+# HEAD checked against other versions on this machine: cloned into build/<target>,
+# `make test` there in a venv pinned by a constraints file (the extension built against
+# that torch's headers, the Triton tests under that Triton's interpreter), then every
+# Triton kernel compiled for sm_90 by that Triton. Not part of `make test`.
+#   device-versions: the GPU machine's (tools/device_versions.txt: torch 2.11, Triton 3.6)
+#   min-versions:    the floors pyproject.toml declares (tools/min_versions.txt: torch 2.8,
+#                    Triton 3.4)
+define versions_check
+	rm -rf build/$(1) && git clone -q . build/$(1)
+	PIP_CONSTRAINT=$(CURDIR)/tools/$(2) $(MAKE) -C build/$(1) test \
+	    TORCH_SPEC="$$(grep '^torch==' tools/$(2))"
+	cd build/$(1) && .venv/bin/python tools/compile_kernels.py --archs 90
+endef
 device-versions:
-	rm -rf $(DEVICE_CHECK) && git clone -q . $(DEVICE_CHECK)
-	PIP_CONSTRAINT=$(CURDIR)/tools/device_versions.txt $(MAKE) -C $(DEVICE_CHECK) test \
-	    TORCH_SPEC="$$(grep '^torch==' tools/device_versions.txt)"
-	cd $(DEVICE_CHECK) && .venv/bin/python tools/compile_kernels.py --archs 90
+	$(call versions_check,device-versions,device_versions.txt)
+min-versions:
+	$(call versions_check,min-versions,min_versions.txt)
 
 # The user's install path: an sdist of the tree, a wheel built from it alone (CPU
 # kernels), sslfast imported from that wheel outside the checkout (tools/dist_check.py).

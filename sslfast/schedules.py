@@ -1,7 +1,6 @@
 """Schedules for momentum and learning rate (lightly.utils.scheduler semantics)."""
 
 import warnings
-from typing import Optional
 
 import numpy as np
 
@@ -11,7 +10,7 @@ def cosine_schedule(
     max_steps: int,
     start_value: float,
     end_value: float,
-    period: Optional[int] = None,
+    period: int | None = None,
 ) -> float:
     """Cosine from ``start_value`` at step 0 to ``end_value`` at ``max_steps - 1``.
 

@@ -1,4 +1,5 @@
 import importlib.util
+import inspect
 import os
 import random
 import zlib
@@ -24,8 +25,9 @@ def _mend_triton36_interpreter():
     """Triton 3.6 (the GPU machine's version, checked here by `make device-versions`)
     has an interpreter that turns a scalar into an index with int() of its 1-element
     array, which NumPy refuses (2.4.6 here: "only 0-dimensional arrays can be converted"):
-    every kernel with a runtime loop bound fails in it. Triton 3.7 squeezes the array
-    first; so does this mend, for the interpreter of Triton < 3.7 only."""
+    every kernel with a runtime loop bound fails in it, and so does every older Triton's.
+    Triton 3.7 squeezes the array first; so does this mend, for the interpreter of
+    Triton < 3.7 only (its patch hook takes a scope in 3.6, not in 3.4 and older)."""
     if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
         return
     import triton
@@ -35,9 +37,17 @@ def _mend_triton36_interpreter():
         return
     patch_tensor = interpreter._patch_lang_tensor
 
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    if len(inspect.signature(patch_tensor).parameters) == 1:  # Triton < 3.5: (tensor)
+        def patched(tensor):
+            patch_tensor(tensor)
+            tensor.__index__ = index
+    else:  # (tensor, scope): the scope undoes the patch after the launch
+        def patched(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", index)
 
     interpreter._patch_lang_tensor = patched
 
