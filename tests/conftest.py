@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def _mend_triton36_interpreter():
+def _mend_triton_interpreter():
     """Triton 3.6 (the GPU machine's version, checked here by `make device-versions`)
     has an interpreter that turns a scalar into an index with int() of its 1-element
     array, which NumPy refuses (2.4.6 here: "only 0-dimensional arrays can be converted"):
@@ -40,7 +40,7 @@ def _mend_triton36_interpreter():
     def index(self):
         return int(self.handle.data.squeeze())
 
-    if len(inspect.signature(patch_tensor).parameters) == 1:  # Triton < 3.5: (tensor)
+    if len(inspect.signature(patch_tensor).parameters) == 1:  # Triton <= 3.4: (tensor)
         def patched(tensor):
             patch_tensor(tensor)
             tensor.__index__ = index
@@ -52,7 +52,7 @@ def _mend_triton36_interpreter():
     interpreter._patch_lang_tensor = patched
 
 
-_mend_triton36_interpreter()
+_mend_triton_interpreter()
 
 
 @pytest.hookimpl(tryfirst=True)
