@@ -73,17 +73,18 @@ bench: $(VENV)/.bench-deps build
 # Triton kernel compiled for sm_90 by that Triton. Not part of `make test`.
 #   device-versions: the GPU machine's (tools/device_versions.txt: torch 2.11, Triton 3.6)
 #   min-versions:    the floors pyproject.toml declares (tools/min_versions.txt: torch 2.8,
-#                    Triton 3.4)
+#                    Triton 3.4), CPU kernels only: that torch is built for CUDA 12.8 and
+#                    refuses this machine's CUDA 13 toolkit
 define versions_check
 	rm -rf build/$(1) && git clone -q . build/$(1)
-	PIP_CONSTRAINT=$(CURDIR)/tools/$(2) $(MAKE) -C build/$(1) test \
+	$(3) PIP_CONSTRAINT=$(CURDIR)/tools/$(2) $(MAKE) -C build/$(1) test \
 	    TORCH_SPEC="$$(grep '^torch==' tools/$(2))"
 	cd build/$(1) && .venv/bin/python tools/compile_kernels.py --archs 90
 endef
 device-versions:
 	$(call versions_check,device-versions,device_versions.txt)
 min-versions:
-	$(call versions_check,min-versions,min_versions.txt)
+	$(call versions_check,min-versions,min_versions.txt,SSLFAST_FORCE_CPU=1)
 
 # The user's install path: an sdist of the tree, a wheel built from it alone (CPU
 # kernels), sslfast imported from that wheel outside the checkout (tools/dist_check.py).
