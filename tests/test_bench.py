@@ -13,8 +13,8 @@ import torch
 import sslfast.functional
 from sslfast.bench import OPS, check, harness, report
 from sslfast.bench.__main__ import main
+from tests.utils import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "bench_results.jsonl")
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.utils import ROOT
 
 
 @pytest.mark.parametrize("archs, quick", [("90", False), ("80", True)])

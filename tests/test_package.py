@@ -8,8 +8,7 @@ import torch
 
 import sslfast
 from sslfast._backend import resolve_backend
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.utils import ROOT
 
 
 def test_public_api():
